@@ -1,0 +1,63 @@
+"""CausalConditionalCFM: integrates the flow-matching ODE from fixed noise to a mel spectrogram."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+class CausalConditionalCFM(nn.Module):
+    """Euler integration on a cosine time grid with classifier-free guidance.
+
+    The starting noise is drawn once, at construction, from a private generator seeded
+    `noise_seed`: frame f of every request always starts from the same noise column, so a
+    streaming chunk and a full run agree on the frames they share. `noise_frames` (15000 = 300 s
+    of mel) caps prompt + output length; it and the seed are fixed in upstream.
+
+    `in_channels` and `spk_emb_dim` come from the yaml but only matter in training.
+    """
+
+    def __init__(self, in_channels: int, spk_emb_dim: int, cfm_params: dict[str, Any], estimator: nn.Module,
+                 noise_frames: int = 15000, noise_seed: int = 0):
+        super().__init__()
+        for key, supported in (("solver", "euler"), ("t_scheduler", "cosine")):
+            if cfm_params.get(key) != supported:
+                raise ValueError(f"CausalConditionalCFM: cfm_params {key}={cfm_params.get(key)!r} "
+                                 f"is not supported (only {supported!r})")
+        if "inference_cfg_rate" not in cfm_params:
+            raise ValueError("CausalConditionalCFM: cfm_params needs 'inference_cfg_rate'")
+        self.cfg_rate = float(cfm_params["inference_cfg_rate"])
+        self.estimator = estimator
+        generator = torch.Generator().manual_seed(noise_seed)
+        noise = torch.randn(1, estimator.out_channels, noise_frames, generator=generator)
+        self.register_buffer("rand_noise", noise, persistent=False)  # [1, 80, noise_frames]
+
+    def forward(self, mu: Tensor, mask: Tensor, spks: Tensor, cond: Tensor, n_timesteps: int = 10,
+                streaming: bool = False) -> Tensor:
+        # mu, cond [1, 80, T]; mask [1, 1, T]; spks [1, 80] -> mel [1, 80, T] float32
+        length = mu.shape[-1]
+        if length > self.rand_noise.shape[-1]:
+            raise ValueError(f"flow input of {length} mel frames exceeds the noise buffer "
+                             f"({self.rand_noise.shape[-1]} frames)")
+        x = self.rand_noise[:, :, :length].to(mu.dtype)
+        grid = torch.linspace(0, 1, n_timesteps + 1, device=mu.device, dtype=mu.dtype)
+        grid = 1 - torch.cos(grid * 0.5 * math.pi)  # cosine schedule: small steps near t=0
+
+        # Row 0 is conditioned, row 1 unconditioned (mu, spks and cond zeroed; x is shared).
+        mask_in = torch.cat([mask, mask])
+        mu_in = torch.cat([mu, torch.zeros_like(mu)])
+        spks_in = torch.cat([spks, torch.zeros_like(spks)])
+        cond_in = torch.cat([cond, torch.zeros_like(cond)])
+
+        t, dt = grid[0], grid[1] - grid[0]
+        for step in range(1, n_timesteps + 1):
+            velocity = self.estimator(torch.cat([x, x]), mask_in, mu_in, t.expand(2), spks_in, cond_in,
+                                      streaming=streaming)
+            v_cond, v_uncond = velocity[:1], velocity[1:]
+            x = x + dt * ((1 + self.cfg_rate) * v_cond - self.cfg_rate * v_uncond)
+            t = t + dt
+            if step < n_timesteps:
+                dt = grid[step + 1] - t  # measured from the accumulated t, as upstream does
+        return x.float()
