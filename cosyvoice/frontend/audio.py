@@ -14,13 +14,15 @@ import numpy as np
 import soundfile as sf
 import torch
 
+from ..errors import InputError
+
 # Windowed-sinc resampler settings of the reference (a Hann-windowed sinc, 6 zero crossings each
 # side, cutoff at 99% of the lower Nyquist rate).
 SINC_ZERO_CROSSINGS = 6
 SINC_ROLLOFF = 0.99
 
 
-class AudioError(ValueError):
+class AudioError(InputError):
     """The audio cannot be used: unreadable, empty, without a sample rate, too short or too long."""
 
 

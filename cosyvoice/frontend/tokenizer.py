@@ -36,6 +36,11 @@ class QwenTokenizer:
         with self._lock:
             return self._tokenizer([text])["input_ids"][0]
 
+    def decode(self, ids: list[int]) -> str:
+        """Ids back to text, special tokens included."""
+        with self._lock:
+            return self._tokenizer.decode(ids, skip_special_tokens=False)
+
     def count(self, text: str) -> int:
         return len(self.encode(text))
 

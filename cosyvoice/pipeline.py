@@ -1,0 +1,212 @@
+"""CosyVoice2 inference modes: text (+ a voice) -> streamed float32 audio chunks.
+
+    tts = cosyvoice.load("pretrained_models/CosyVoice2-0.5B", device="cuda")
+    voice = tts.prepare_voice("prompt.wav", "transcript of prompt.wav")   # reusable, savable
+    for chunk in tts.zero_shot("Text to speak.", voice=voice, stream=True):
+        play(chunk, tts.sample_rate)
+
+Modes (what the LLM and the flow are conditioned on):
+    zero_shot      LLM: prompt transcript + prompt speech tokens; flow: prompt tokens, mel, speaker
+    cross_lingual  LLM: nothing from the prompt;                  flow: as zero_shot
+    instruct2      LLM: the instruction text;                     flow: as zero_shot
+    sft            LLM: nothing;                                  flow: a built-in speaker vector
+Long texts are split into segments, each synthesised in turn; with stream=True every segment
+streams. Every method validates its arguments when called (raising InputError) and returns an
+iterator of chunks.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from .errors import InputError
+from .frontend.audio import load_audio
+from .frontend.speech_models import PromptFeatureExtractor
+from .frontend.text import TextNormalizer
+from .frontend.tokenizer import END_OF_PROMPT, QwenTokenizer
+from .loader import load_model
+from .synthesis import ModelInput, Synthesizer
+from .voice import Voice
+
+AudioInput = str | Path | bytes | np.ndarray
+SPEAKERS_FILE = "spk2info.pt"
+
+
+def default_ttsfrd_resource(model_dir: Path) -> Path:
+    """ttsfrd's resource folder: $COSYVOICE_TTSFRD_RESOURCE, else beside the model directory
+    (pretrained_models/CosyVoice-ttsfrd/resource, where the official download puts it)."""
+    configured = os.environ.get("COSYVOICE_TTSFRD_RESOURCE")
+    return Path(configured) if configured else model_dir.parent / "CosyVoice-ttsfrd" / "resource"
+
+
+class CosyVoice2:
+    """One loaded model; safe to use from several threads at once."""
+
+    def __init__(self, model_dir: str | Path, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32, ttsfrd_resource: str | Path | None = None):
+        self.model_dir = Path(model_dir)
+        self.device = torch.device(device)
+        stages = load_model(self.model_dir, self.device, dtype)
+        self.settings = stages.settings
+        self.sample_rate = stages.settings.sample_rate
+        self.tokenizer = QwenTokenizer(stages.settings.qwen_path)
+        resource = Path(ttsfrd_resource) if ttsfrd_resource else default_ttsfrd_resource(self.model_dir)
+        self.normalizer = TextNormalizer(self.tokenizer.count, resource)
+        self._normalizer_lock = threading.Lock()   # FST normalisers are not thread-safe
+        self.prompt_features = PromptFeatureExtractor(self.model_dir, stages.settings.mel,
+                                                      stages.settings.token_mel_ratio, str(self.device))
+        self.synthesizer = Synthesizer(stages.llm, stages.flow, stages.hift,
+                                       token_hop=stages.settings.chunk_size)
+        self._n_mels = stages.flow.output_size
+        self.speakers = self._load_speakers(self.model_dir / SPEAKERS_FILE)
+
+    # ---- voices ------------------------------------------------------------------------------
+
+    def prepare_voice(self, prompt_audio: AudioInput, prompt_text: str = "",
+                      sample_rate: int | None = None) -> Voice:
+        """Computes everything a prompt contributes, once. `prompt_text` is the transcript of the
+        prompt audio (needed for zero_shot, unused by cross_lingual and instruct2)."""
+        samples, rate = load_audio(prompt_audio, sample_rate)
+        features = self.prompt_features.extract(samples, rate)
+        normalized = self._normalize(prompt_text) if prompt_text.strip() else ""
+        return Voice(prompt_text=normalized,
+                     prompt_text_ids=self._ids(normalized),
+                     speech_tokens=torch.from_numpy(features.speech_tokens),
+                     embedding=torch.from_numpy(features.embedding),
+                     speech_feat=torch.from_numpy(features.speech_feat))
+
+    def _load_speakers(self, path: Path) -> dict[str, Voice | torch.Tensor]:
+        """spk2info.pt: speaker id -> a speaker vector (sft) or a cached zero-shot prompt."""
+        if not path.is_file():
+            return {}
+        entries = torch.load(str(path), map_location="cpu", weights_only=True)
+        speakers: dict[str, Voice | torch.Tensor] = {}
+        for name, entry in entries.items():
+            if "flow_prompt_speech_token" in entry:
+                speakers[name] = Voice(prompt_text="",
+                                       prompt_text_ids=entry.get("prompt_text", self._ids("")).int(),
+                                       speech_tokens=entry["flow_prompt_speech_token"].int(),
+                                       embedding=entry["flow_embedding"].float(),
+                                       speech_feat=entry["prompt_speech_feat"].float())
+            else:
+                speakers[name] = entry["embedding"].float().reshape(1, -1)
+        return speakers
+
+    def _resolve_voice(self, voice: Voice | str | None, prompt_audio: AudioInput | None,
+                       prompt_text: str, sample_rate: int | None, mode: str) -> Voice:
+        if isinstance(voice, Voice):
+            return voice
+        if isinstance(voice, str):
+            found = self.speakers.get(voice)
+            if not isinstance(found, Voice):
+                raise InputError(f"unknown voice '{voice}'; this model has "
+                                 f"{', '.join(sorted(self.speakers)) or 'no built-in voices'}")
+            return found
+        if prompt_audio is None:
+            raise InputError(f"{mode} needs a voice: pass prompt audio or a prepared voice")
+        return self.prepare_voice(prompt_audio, prompt_text, sample_rate)
+
+    # ---- inference modes ---------------------------------------------------------------------
+
+    def zero_shot(self, text: str, prompt_text: str = "", prompt_audio: AudioInput | None = None, *,
+                  voice: Voice | str | None = None, sample_rate: int | None = None,
+                  stream: bool = False, speed: float = 1.0, seed: int | None = None,
+                  text_frontend: bool = True) -> Iterator[np.ndarray]:
+        """Speaks `text` in the voice of the prompt, continuing from its transcript and tokens."""
+        voice = self._resolve_voice(voice, prompt_audio, prompt_text, sample_rate, "zero_shot")
+        if voice.prompt_text_ids.shape[1] == 0:
+            raise InputError("zero_shot needs the transcript of the prompt audio (prompt_text); "
+                             "without one use cross_lingual")
+        inputs = [ModelInput(ids, voice.prompt_text_ids, voice.speech_tokens, voice.speech_tokens,
+                             voice.speech_feat, voice.embedding)
+                  for ids in self._segments(text, text_frontend)]
+        return self._run(inputs, stream, speed, seed)
+
+    def cross_lingual(self, text: str, prompt_audio: AudioInput | None = None, *,
+                      voice: Voice | str | None = None, sample_rate: int | None = None,
+                      stream: bool = False, speed: float = 1.0, seed: int | None = None,
+                      text_frontend: bool = True) -> Iterator[np.ndarray]:
+        """Speaks `text` (any language) with the prompt's timbre, ignoring its words."""
+        voice = self._resolve_voice(voice, prompt_audio, "", sample_rate, "cross_lingual")
+        inputs = [ModelInput(ids, self._ids(""), self._no_tokens(), voice.speech_tokens,
+                             voice.speech_feat, voice.embedding)
+                  for ids in self._segments(text, text_frontend)]
+        return self._run(inputs, stream, speed, seed)
+
+    def instruct2(self, text: str, instruct: str, prompt_audio: AudioInput | None = None, *,
+                  voice: Voice | str | None = None, sample_rate: int | None = None,
+                  stream: bool = False, speed: float = 1.0, seed: int | None = None,
+                  text_frontend: bool = True) -> Iterator[np.ndarray]:
+        """Speaks `text` with the prompt's timbre, following a natural-language instruction
+        ("用开心的语气说", "speak slowly"); the instruction is used as written."""
+        if not instruct or not instruct.strip():
+            raise InputError("instruct2 needs an instruction (instruct text)")
+        if END_OF_PROMPT not in instruct:
+            instruct += END_OF_PROMPT
+        voice = self._resolve_voice(voice, prompt_audio, "", sample_rate, "instruct2")
+        instruct_ids = self._ids(instruct)
+        inputs = [ModelInput(ids, instruct_ids, self._no_tokens(), voice.speech_tokens,
+                             voice.speech_feat, voice.embedding)
+                  for ids in self._segments(text, text_frontend)]
+        return self._run(inputs, stream, speed, seed)
+
+    def sft(self, text: str, speaker: str, *, stream: bool = False, speed: float = 1.0,
+            seed: int | None = None, text_frontend: bool = True) -> Iterator[np.ndarray]:
+        """Speaks `text` as one of the model's built-in speakers (spk2info.pt)."""
+        entry = self.speakers.get(speaker)
+        if entry is None:
+            available = ", ".join(sorted(self.speakers)) or "none (the model has no spk2info.pt)"
+            raise InputError(f"unknown speaker '{speaker}'; available: {available}")
+        embedding = entry.embedding if isinstance(entry, Voice) else entry
+        inputs = [ModelInput(ids, self._ids(""), self._no_tokens(), self._no_tokens(),
+                             torch.zeros(1, 0, self._n_mels), embedding)
+                  for ids in self._segments(text, text_frontend)]
+        return self._run(inputs, stream, speed, seed)
+
+    # ---- helpers -----------------------------------------------------------------------------
+
+    def _run(self, inputs: list[ModelInput], stream: bool, speed: float,
+             seed: int | None) -> Iterator[np.ndarray]:
+        if speed <= 0 or (stream and speed != 1.0):
+            raise InputError("speed must be positive, and 1.0 when streaming")
+        generator = torch.Generator(self.device)
+        if seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(seed)
+
+        def chunks() -> Iterator[np.ndarray]:
+            for model_input in inputs:
+                yield from self.synthesizer.synthesize(model_input, stream, speed, generator)
+        return chunks()
+
+    def _normalize(self, text: str) -> str:
+        with self._normalizer_lock:
+            return self.normalizer.normalize(text)
+
+    def _segments(self, text: str, text_frontend: bool) -> list[torch.Tensor]:
+        """Text -> token ids [1, L] of each segment to synthesise."""
+        if not isinstance(text, str) or not text.strip():
+            raise InputError("the text to speak is empty")
+        if text_frontend:
+            with self._normalizer_lock:
+                segments = self.normalizer.split(text)
+        else:
+            segments = [text]
+        segment_ids = [self._ids(s) for s in segments]
+        segment_ids = [ids for ids in segment_ids if ids.shape[1] > 0]
+        if not segment_ids:
+            raise InputError("the text has nothing to speak (only punctuation or symbols)")
+        return segment_ids
+
+    def _ids(self, text: str) -> torch.Tensor:
+        return torch.tensor([self.tokenizer.encode(text) if text else []], dtype=torch.int32).reshape(1, -1)
+
+    @staticmethod
+    def _no_tokens() -> torch.Tensor:
+        return torch.zeros(1, 0, dtype=torch.int32)
