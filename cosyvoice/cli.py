@@ -1,75 +1,114 @@
-"""Command line: `python -m cosyvoice check --model-dir DIR --out check.wav`.
+"""Command line.
 
-`check` loads every stage of a model directory and runs text -> speech tokens -> mel -> waveform
-without a voice prompt, so a user can see that a directory is complete and that the runtime works
-on this machine before starting a server.
+    python -m cosyvoice synth --model-dir DIR --mode cross_lingual --text "..." --prompt-wav p.wav --out o.wav
+    python -m cosyvoice make-model --size tiny --out DIR
+    python -m cosyvoice demo        # makes a tiny random model once, then speaks with it
+
+Errors in the input (missing file, bad audio, unknown speaker, ...) end with one line on stderr
+and exit status 2.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 import time
-import wave
 from pathlib import Path
 
 import numpy as np
+import soundfile as sf
 import torch
 
-from .loader import ModelDirError, load_model
+from .errors import InputError
+from .loader import ModelDirError
+from .tools.make_model import DEMO_SPEAKER, add_make_model_command, make_model
+
+MODES = ("zero_shot", "cross_lingual", "instruct2", "sft")
 
 
-def write_wav(path: Path, samples: np.ndarray, sample_rate: int) -> None:
-    """float samples in [-1, 1] -> 16-bit mono PCM WAV."""
-    pcm = (np.clip(samples, -1.0, 1.0) * 32767).astype("<i2")
-    with wave.open(str(path), "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(sample_rate)
-        out.writeframes(pcm.tobytes())
-
-
-def check(model_dir: Path, text: str, out: Path, device: str, seed: int) -> None:
-    from transformers import AutoTokenizer
+def synth(args: argparse.Namespace) -> int:
+    import cosyvoice
 
     started = time.perf_counter()
-    stages = load_model(model_dir, device=device)
+    tts = cosyvoice.load(args.model_dir, device=args.device)
     loaded = time.perf_counter()
-    for name in ("llm", "flow", "hift"):
-        count = sum(p.numel() for p in {id(p): p for p in getattr(stages, name).parameters()}.values())
-        print(f"{name}: {count:,} parameters")
-    tokenizer = AutoTokenizer.from_pretrained(stages.settings.qwen_path)
-    text_ids = torch.tensor([tokenizer(text)["input_ids"]], dtype=torch.int32)
-    empty_ids = torch.zeros(1, 0, dtype=torch.int32)
+    options = dict(stream=args.stream, speed=args.speed, seed=args.seed)
+    if args.mode == "sft":
+        if not args.speaker:
+            raise InputError("--mode sft needs --speaker")
+        chunks = tts.sft(args.text, args.speaker, **options)
+    else:
+        if args.prompt_wav is None:
+            raise InputError(f"--mode {args.mode} needs --prompt-wav")
+        if not args.prompt_wav.is_file():
+            raise InputError(f"prompt audio {args.prompt_wav} does not exist")
+        if args.mode == "zero_shot":
+            chunks = tts.zero_shot(args.text, args.prompt_text, args.prompt_wav, **options)
+        elif args.mode == "cross_lingual":
+            chunks = tts.cross_lingual(args.text, args.prompt_wav, **options)
+        else:
+            chunks = tts.instruct2(args.text, args.instruct, args.prompt_wav, **options)
 
-    generator = torch.Generator(device=device).manual_seed(seed)
-    tokens = list(stages.llm.generate(text_ids, empty_ids, empty_ids, generator=generator))
-    with torch.inference_mode():
-        mel = stages.flow.inference(
-            torch.tensor([tokens], dtype=torch.int32, device=device), empty_ids.to(device),
-            torch.zeros(1, 0, stages.flow.output_size, device=device), torch.zeros(1, stages.flow.spk_embed_dim, device=device),
-            streaming=False, finalize=True)
-        speech, _ = stages.hift.inference(mel, generator=generator)
-    done = time.perf_counter()
-    samples = speech[0].float().cpu().numpy()
-    write_wav(out, samples, stages.settings.sample_rate)
-    seconds = len(samples) / stages.settings.sample_rate
-    print(f"loaded in {loaded - started:.1f} s; {len(tokens)} speech tokens -> {seconds:.2f} s of audio "
-          f"in {done - loaded:.1f} s (RTF {(done - loaded) / max(seconds, 1e-9):.2f}); wrote {out}")
+    audio, first_chunk_at = [], None
+    request_started = time.perf_counter()
+    for chunk in chunks:
+        first_chunk_at = first_chunk_at or time.perf_counter()
+        audio.append(chunk)
+    finished = time.perf_counter()
+    samples = np.concatenate(audio) if audio else np.zeros(0, dtype=np.float32)
+    sf.write(args.out, samples, tts.sample_rate, subtype="PCM_16")
+    seconds = len(samples) / tts.sample_rate
+    compute = finished - request_started
+    print(f"loaded in {loaded - started:.1f} s; {len(audio)} chunk(s), first after "
+          f"{(first_chunk_at or finished) - request_started:.3f} s; {seconds:.2f} s of audio in "
+          f"{compute:.2f} s (RTF {compute / max(seconds, 1e-9):.3f}); wrote {args.out}")
+    return 0
+
+
+def demo(args: argparse.Namespace) -> int:
+    """The no-download path: a tiny random-weight model (made once) speaking in its `demo` voice."""
+    if not (args.model_dir / "cosyvoice2.yaml").is_file():
+        make_model(args.model_dir, size="tiny", seed=0)
+        print(f"made a tiny random-weight model in {args.model_dir} (it speaks noise: real speech "
+              "needs the official CosyVoice2-0.5B directory)")
+    return synth(argparse.Namespace(
+        model_dir=args.model_dir, mode="sft", speaker=DEMO_SPEAKER, text=args.text, out=args.out,
+        stream=True, speed=1.0, seed=0, device=args.device, prompt_wav=None, prompt_text="", instruct=""))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m cosyvoice")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    synth_cmd = commands.add_parser("synth", help="synthesise text to a WAV file")
+    synth_cmd.add_argument("--model-dir", type=Path, required=True)
+    synth_cmd.add_argument("--mode", choices=MODES, required=True)
+    synth_cmd.add_argument("--text", required=True)
+    synth_cmd.add_argument("--prompt-wav", type=Path, help="voice prompt (not for sft)")
+    synth_cmd.add_argument("--prompt-text", default="", help="transcript of the prompt (zero_shot)")
+    synth_cmd.add_argument("--instruct", default="", help="instruction (instruct2)")
+    synth_cmd.add_argument("--speaker", help="built-in speaker id (sft)")
+    synth_cmd.add_argument("--out", type=Path, default=Path("out.wav"))
+    synth_cmd.add_argument("--stream", action="store_true", help="token-level streaming")
+    synth_cmd.add_argument("--speed", type=float, default=1.0)
+    synth_cmd.add_argument("--seed", type=int)
+    synth_cmd.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    synth_cmd.set_defaults(run=synth)
+
+    add_make_model_command(commands)
+
+    demo_cmd = commands.add_parser("demo", help="make a tiny random model (once) and synthesise with it")
+    demo_cmd.add_argument("--model-dir", type=Path, default=Path("models/demo-tiny"))
+    demo_cmd.add_argument("--text", default="Hello from CosyVoice two, running on our own runtime.")
+    demo_cmd.add_argument("--out", type=Path, default=Path("demo.wav"))
+    demo_cmd.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    demo_cmd.set_defaults(run=demo)
+    return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cosyvoice")
-    commands = parser.add_subparsers(dest="command", required=True)
-    check_cmd = commands.add_parser("check", help="load a model directory and synthesise a test sentence")
-    check_cmd.add_argument("--model-dir", type=Path, required=True)
-    check_cmd.add_argument("--text", default="Hello from CosyVoice two.")
-    check_cmd.add_argument("--out", type=Path, default=Path("check.wav"))
-    check_cmd.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    check_cmd.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     try:
-        check(args.model_dir, args.text, args.out, args.device, args.seed)
-    except ModelDirError as exc:
+        return args.run(args)
+    except (InputError, ModelDirError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    return 0
