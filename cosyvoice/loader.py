@@ -126,14 +126,17 @@ def read_settings(config: YamlConfig) -> ModelSettings:
         raise ModelDirError(f"{config.source}: cannot read the model settings ({exc})") from exc
 
 
-def build_stage(config: YamlConfig, stage: str, qwen_config: dict | None = None) -> nn.Module:
-    """Builds one stage with random weights from a parsed yaml.
+def build_stage(config: YamlConfig, stage: str, qwen_config: dict | None = None,
+                random_init: bool = True) -> nn.Module:
+    """Builds one stage from a parsed yaml, with random weights unless `random_init=False`
+    (the Qwen body is then left uninitialised, for a checkpoint to fill).
 
     `qwen_config` (e.g. QWEN2_0_5B) gives the Qwen2 architecture when no Qwen folder is at hand.
     """
     if stage not in STAGE_CLASSES:
         raise ValueError(f"unknown stage {stage!r}; expected one of {', '.join(STAGE_CLASSES)}")
-    extra = {"cosyvoice.llm.llm.Qwen2Encoder": {"qwen_config": qwen_config}} if qwen_config else None
+    qwen_kwargs = {"random_init": random_init, **({"qwen_config": qwen_config} if qwen_config else {})}
+    extra = {"cosyvoice.llm.llm.Qwen2Encoder": qwen_kwargs}
     try:
         module = registry.build(config.resolve(stage), extra, where=f"{config.source}: {stage}")
     except ValueError as exc:  # ConfigError, and unsupported settings rejected by a constructor
@@ -193,7 +196,7 @@ def load_stage(model_dir: str | Path, stage: str, device: str | torch.device = "
     """
     model_dir = Path(model_dir)
     config = read_config(model_dir / YAML_NAME, qwen_path=model_dir / QWEN_DIR)
-    module = build_stage(config, stage)
+    module = build_stage(config, stage, random_init=False)  # load_checkpoint fills every weight
     load_checkpoint(module, model_dir / CHECKPOINTS[stage])
     finish = getattr(module, "fold_weight_norm", None)
     if finish is not None:

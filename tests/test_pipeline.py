@@ -57,7 +57,7 @@ def test_prompt_audio_array_at_another_rate(tts, prompt_wav):
     stereo_48k = np.stack([samples, samples], axis=1).repeat(3, axis=0)
     voice = tts.prepare_voice(stereo_48k, "", sample_rate=rate * 3)
     assert voice.speech_tokens.shape[1] > 0
-    assert voice.speech_feat.shape[1] == 2 * voice.speech_tokens.shape[1]
+    assert voice.speech_feat.shape[1] == tts.settings.token_mel_ratio * voice.speech_tokens.shape[1]
 
 
 def test_streaming_renders_the_same_length_as_one_shot(tts, voice):
@@ -68,7 +68,7 @@ def test_streaming_renders_the_same_length_as_one_shot(tts, voice):
     streamed = list(tts.synthesizer.synthesize(request, stream=True, source_tokens=tokens))
     whole = list(tts.synthesizer.synthesize(request, stream=False, source_tokens=tokens))
     assert len(streamed) > 2 and len(whole) == 1
-    assert sum(map(len, streamed)) == len(whole[0]) == len(tokens) * 2 * tts.synthesizer.hift.samples_per_frame
+    assert sum(map(len, streamed)) == len(whole[0]) == len(tokens) * tts.settings.token_mel_ratio * tts.synthesizer.hift.samples_per_frame
 
 
 def test_speed_changes_length(tts, voice):
