@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from .backends import BackendFactory
 from .errors import InputError
 from .loader import ModelDirError
 from .pipeline import CosyVoice2
@@ -20,6 +21,9 @@ __all__ = ["load", "CosyVoice2", "Voice", "InputError", "ModelDirError"]
 
 
 def load(model_dir: str | Path, device: str | torch.device = "cpu",
-         dtype: torch.dtype = torch.float32, **options) -> CosyVoice2:
-    """Loads an official CosyVoice2 model directory (see CosyVoice2 for the modes)."""
-    return CosyVoice2(model_dir, device=device, dtype=dtype, **options)
+         dtype: torch.dtype = torch.float32, llm_backend: str | BackendFactory = "torch",
+         **options) -> CosyVoice2:
+    """Loads an official CosyVoice2 model directory (see CosyVoice2 for the modes).
+
+    `llm_backend`: "torch", "trtllm" or a factory (cosyvoice.backends)."""
+    return CosyVoice2(model_dir, device=device, dtype=dtype, llm_backend=llm_backend, **options)

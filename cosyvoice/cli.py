@@ -3,6 +3,7 @@
     python -m cosyvoice synth --model-dir DIR --mode cross_lingual --text "..." --prompt-wav p.wav --out o.wav
     python -m cosyvoice make-model --size tiny --out DIR
     python -m cosyvoice demo        # makes a tiny random model once, then speaks with it
+    python -m cosyvoice export-hf --model-dir DIR --out HF_DIR   # the LLM as a HF checkpoint
 
 Errors in the input (missing file, bad audio, unknown speaker, ...) end with one line on stderr
 and exit status 2.
@@ -18,6 +19,7 @@ import numpy as np
 import soundfile as sf
 import torch
 
+from .backends.hf_export import add_export_command
 from .errors import InputError
 from .loader import ModelDirError
 from .tools.make_model import DEMO_SPEAKER, add_make_model_command, make_model
@@ -95,6 +97,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     synth_cmd.set_defaults(run=synth)
 
     add_make_model_command(commands)
+    add_export_command(commands)
 
     demo_cmd = commands.add_parser("demo", help="make a tiny random model (once) and synthesise with it")
     demo_cmd.add_argument("--model-dir", type=Path, default=Path("models/demo-tiny"))

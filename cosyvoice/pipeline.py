@@ -29,7 +29,8 @@ from .frontend.audio import load_audio
 from .frontend.speech_models import PromptFeatureExtractor
 from .frontend.text import TextNormalizer
 from .frontend.tokenizer import END_OF_PROMPT, QwenTokenizer
-from .loader import load_model
+from .backends import BackendFactory, backend_factory
+from .loader import QWEN_DIR, YAML_NAME, check_model_dir, load_stage, read_config, read_settings
 from .synthesis import ModelInput, Synthesizer
 from .voice import Voice
 
@@ -45,24 +46,32 @@ def default_ttsfrd_resource(model_dir: Path) -> Path:
 
 
 class CosyVoice2:
-    """One loaded model; safe to use from several threads at once."""
+    """One loaded model; safe to use from several threads at once.
+
+    `llm_backend` runs the LLM stage: "torch" (our SpeechLM), "trtllm" (TensorRT-LLM, see
+    cosyvoice.backends) or a factory (model_dir, device, dtype) -> backend.
+    """
 
     def __init__(self, model_dir: str | Path, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32, ttsfrd_resource: str | Path | None = None):
-        self.model_dir = Path(model_dir)
+                 dtype: torch.dtype = torch.float32, ttsfrd_resource: str | Path | None = None,
+                 llm_backend: str | BackendFactory = "torch"):
+        self.model_dir = check_model_dir(model_dir)
         self.device = torch.device(device)
-        stages = load_model(self.model_dir, self.device, dtype)
-        self.settings = stages.settings
-        self.sample_rate = stages.settings.sample_rate
-        self.tokenizer = QwenTokenizer(stages.settings.qwen_path)
+        make_llm = backend_factory(llm_backend)
+        self.settings = read_settings(read_config(self.model_dir / YAML_NAME,
+                                                  qwen_path=self.model_dir / QWEN_DIR))
+        flow = load_stage(self.model_dir, "flow", self.device, dtype)
+        hift = load_stage(self.model_dir, "hift", self.device, dtype)
+        llm = make_llm(self.model_dir, self.device, dtype)
+        self.sample_rate = self.settings.sample_rate
+        self.tokenizer = QwenTokenizer(self.settings.qwen_path)
         resource = Path(ttsfrd_resource) if ttsfrd_resource else default_ttsfrd_resource(self.model_dir)
         self.normalizer = TextNormalizer(self.tokenizer.count, resource)
         self._normalizer_lock = threading.Lock()   # FST normalisers are not thread-safe
-        self.prompt_features = PromptFeatureExtractor(self.model_dir, stages.settings.mel,
-                                                      stages.settings.token_mel_ratio, str(self.device))
-        self.synthesizer = Synthesizer(stages.llm, stages.flow, stages.hift,
-                                       token_hop=stages.settings.chunk_size)
-        self._n_mels = stages.flow.output_size
+        self.prompt_features = PromptFeatureExtractor(self.model_dir, self.settings.mel,
+                                                      self.settings.token_mel_ratio, str(self.device))
+        self.synthesizer = Synthesizer(llm, flow, hift, token_hop=self.settings.chunk_size)
+        self._n_mels = flow.output_size
         self.speakers = self._load_speakers(self.model_dir / SPEAKERS_FILE)
 
     # ---- voices ------------------------------------------------------------------------------

@@ -1,0 +1,65 @@
+"""The per-request logits processor that makes a runtime without our sampler decode like SpeechLM.
+
+Runtimes built from the HF export (TensorRT-LLM) compute logits over the whole merged vocabulary
+with a bias-free lm_head. At every step this processor:
+
+    1. takes the speech-head slice of the logits and adds the head's bias (the export's
+       lm_head.bias, which the runtime dropped);
+    2. log-softmax over that slice (= SpeechLM's distribution); blocks EOS before `min_len`;
+    3. draws the token with the model's own sampler (repetition-aware sampling from the yaml),
+       on the CPU, from a generator seeded per request;
+    4. forces it: every other logit becomes -inf, so the runtime's greedy pick is this token.
+
+It keeps the tokens it has drawn, which are exactly the request's generated tokens (it forces
+each one), so it needs nothing from the runtime's token history. It is pickled into the runtime's
+worker process, so it holds only plain data until its first call.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+import torch
+
+
+class SpeechTokenSampler:
+    def __init__(self, speech_offset: int, head_bias: torch.Tensor, speech_size: int,
+                 min_len: int, sampling: Callable[..., int], seed: int):
+        self.speech_offset = speech_offset
+        self.head_bias = head_bias.float().cpu()    # [S + 3]
+        self.speech_size = speech_size              # rows >= speech_size are stop tokens; EOS first
+        self.min_len = min_len
+        self.sampling = sampling
+        self.seed = seed
+        self.decoded: list[int] = []
+        self._generator: torch.Generator | None = None
+
+    def __call__(self, req_id: int, logits: torch.Tensor, token_ids: list[list[int]],
+                 stream_ptr: int | None, client_id: int | None) -> None:
+        """TensorRT-LLM's LogitsProcessor signature; edits `logits` [..., rows] in place on the
+        runtime's CUDA stream (`stream_ptr`, None on its PyTorch backend)."""
+        stream = contextlib.nullcontext() if stream_ptr is None else \
+            torch.cuda.stream(torch.cuda.ExternalStream(stream_ptr))
+        with stream:
+            self.force_next(logits)
+
+    def force_next(self, logits: torch.Tensor) -> int:
+        """Draws the next token from `logits` [..., rows] (one row: beam width 1), leaves only
+        that token allowed, and returns its speech-head row."""
+        row = logits.view(-1, logits.shape[-1])[0]                            # [rows]
+        head = slice(self.speech_offset, self.speech_offset + self.head_bias.shape[0])
+        logp = (row[head].float().cpu() + self.head_bias).log_softmax(dim=0)  # [S + 3]
+        if len(self.decoded) < self.min_len:
+            logp[self.speech_size] = -float("inf")                            # EOS
+        token = self.sampling(logp, self.decoded, generator=self.generator)
+        if token < self.speech_size:
+            self.decoded.append(token)
+        row.fill_(-float("inf"))
+        row[self.speech_offset + token] = 0.0
+        return token
+
+    @property
+    def generator(self) -> torch.Generator:
+        if self._generator is None:
+            self._generator = torch.Generator().manual_seed(self.seed)
+        return self._generator

@@ -1,0 +1,235 @@
+"""The LLM stage on TensorRT-LLM (written against TensorRT-LLM 1.0; needs a CUDA GPU and MPI).
+
+API: the LLM API's TensorRT-engine flavour, `tensorrt_llm._tensorrt_engine.LLM`, on our HF export.
+It builds a TensorRT engine from the HF checkpoint (no convert_checkpoint / trtllm-build steps),
+saves it with `LLM.save`, and loads the saved engine on later starts, while still giving the LLM
+API's in-flight batching, `generate_async` streaming and per-request logits processors. Chosen
+over `tensorrt_llm.LLM` (1.0's PyTorch backend, which runs the HF checkpoint without an engine)
+because the compiled engine is where the reported 2.5-4x over transformers comes from, and its
+build is a one-time cost per GPU and version that the engine cache absorbs.
+
+Sampling: TensorRT-LLM has no repetition-aware sampling, and its Qwen lm_head drops the export's
+bias. A per-request logits processor (`speech_sampler.SpeechTokenSampler`) adds the bias, blocks
+EOS before min_len and draws each token with the yaml's own sampler (RAS), then forces it; the
+engine decodes greedily (top_k=1) and so emits exactly that token. The distribution is the
+reference's; what differs from the PyTorch backend: the draws come from a CPU generator seeded
+per request (from the caller's generator), so a given seed picks other tokens than SpeechLM does;
+the logits come from a bf16/fp16 engine; and a segment is cut at `max_output_len` tokens where
+SpeechLM allows 20 per text token. Each step costs one small device-to-host copy per request.
+
+Batching: requests from concurrent threads are submitted at once and the executor batches them in
+flight (up to `max_batch_size`, the server's worker count). Streaming runs on one asyncio loop
+thread owned by the backend; each `generate` iterator reads its request's tokens from a queue, and
+closing it early aborts the request.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import logging
+import queue
+import shutil
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from ..config import YamlConfig
+from ..loader import YAML_NAME, read_config
+from ..models import registry
+from .engine_cache import (BuildLimits, EngineKey, engine_dir, engine_is_complete, export_dir,
+                           mark_complete)
+from .hf_export import ExportInfo, export_model_dir
+from .hf_model import read_lm_head_bias
+from .speech_sampler import SpeechTokenSampler
+from .vocab import MergedVocab
+
+log = logging.getLogger("cosyvoice.backends.trtllm")
+
+MIN_TOKEN_TEXT_RATIO, MAX_TOKEN_TEXT_RATIO = 2, 20   # the reference's length limits (spec 4.2)
+SERVER_DEFAULT_LIMITS = BuildLimits.for_server(workers=2, max_text_chars=2000)
+NOT_INSTALLED = ("TensorRT-LLM is not installed in this environment (it needs a CUDA 12 wheel "
+                 "from NVIDIA's package index, Python 3.10 or 3.12); use server.py for the "
+                 "PyTorch runtime")
+
+
+class BackendUnavailable(RuntimeError):
+    """The TensorRT-LLM backend cannot run here (library or GPU missing)."""
+
+
+def tensorrt_llm_installed() -> bool:
+    """Checked without importing it (the import can hang outside mpirun)."""
+    return importlib.util.find_spec("tensorrt_llm") is not None
+
+
+def import_tensorrt_llm():
+    if not tensorrt_llm_installed():
+        raise BackendUnavailable(NOT_INSTALLED)
+    import tensorrt_llm
+    return tensorrt_llm
+
+
+def default_dtype(capability: tuple[int, int]) -> str:
+    """bfloat16 where the GPU computes it natively (Ampere and newer), else float16."""
+    return "bfloat16" if capability >= (8, 0) else "float16"
+
+
+def yaml_sampling(config: YamlConfig) -> Callable[..., int]:
+    """The LLM's sampler as the yaml configures it (ras_sampling with its arguments)."""
+    return registry.build(config.resolve("llm").kwargs["sampling"], where=f"{config.source}: llm.sampling")
+
+
+def request_seed(generator: torch.Generator | None) -> int:
+    """A seed for one request's draws, taken from the caller's generator (or torch's global one)."""
+    device = generator.device if generator is not None else "cpu"
+    return int(torch.randint(0, 2**63 - 1, (1,), generator=generator, device=device))
+
+
+@dataclass(frozen=True)
+class TrtLlmFactory:
+    """Makes the backend for a model directory: exports the LLM and builds the engine when the
+    cache lacks them, else loads them. A `cosyvoice.load(llm_backend=...)` factory."""
+    limits: BuildLimits = SERVER_DEFAULT_LIMITS
+    cache_dir: Path | None = None        # default: <model_dir>/trtllm
+    dtype: str | None = None             # default: default_dtype(the GPU's compute capability)
+    kv_cache_fraction: float = 0.2       # most of the free GPU memory the KV cache may take
+    engine_options: dict = field(default_factory=dict)   # more LLM(...) arguments, passed as given
+
+    def __call__(self, model_dir: Path, device: torch.device, dtype: torch.dtype) -> "TrtLlmBackend":
+        """`dtype` (the flow's and HiFT's) does not apply: the engine's is `self.dtype`."""
+        device = torch.device(device)
+        if device.type != "cuda" or not torch.cuda.is_available():
+            raise BackendUnavailable(f"the TensorRT-LLM backend needs a CUDA GPU (device is {device}, "
+                                     f"CUDA available: {torch.cuda.is_available()}); use server.py")
+        if device.index not in (None, 0):
+            raise BackendUnavailable("the TensorRT-LLM backend uses the first visible GPU; choose it "
+                                     "with CUDA_VISIBLE_DEVICES and pass --device cuda")
+        trtllm = import_tensorrt_llm()
+        model_dir = Path(model_dir)
+        cache_dir = Path(self.cache_dir) if self.cache_dir is not None else model_dir / "trtllm"
+        hf_dir = ensure_export(model_dir, cache_dir)
+        info = ExportInfo.read(hf_dir)
+        capability = torch.cuda.get_device_capability()
+        key = EngineKey(gpu_name=torch.cuda.get_device_name(), compute_capability=f"{capability[0]}.{capability[1]}",
+                        trtllm_version=trtllm.__version__, dtype=self.dtype or default_dtype(capability),
+                        weights_sha256=info.weights_sha256, limits=self.limits)
+        llm = self.open_engine(trtllm, hf_dir, engine_dir(cache_dir, key), key)
+        vocab = info.vocab
+        bias = read_lm_head_bias(hf_dir)[vocab.speech_offset:vocab.speech_offset + vocab.head_rows]
+        sampling = yaml_sampling(read_config(model_dir / YAML_NAME))
+        return TrtLlmBackend(llm, trtllm.SamplingParams, vocab, bias, sampling, self.limits.max_output_len)
+
+    def open_engine(self, trtllm, hf_dir: Path, folder: Path, key: EngineKey):
+        """The LLM on the cached engine, building and caching it first when missing."""
+        from tensorrt_llm._tensorrt_engine import LLM
+        from tensorrt_llm.llmapi import KvCacheConfig
+
+        limits = key.limits
+        kv_cache = KvCacheConfig(free_gpu_memory_fraction=self.kv_cache_fraction,
+                                 max_tokens=limits.max_batch_size * limits.max_seq_len)
+        if engine_is_complete(folder, key):
+            log.info("TensorRT-LLM engine: loading %s (%s, %s)", folder, limits.describe(), key.dtype)
+            return LLM(model=str(folder), skip_tokenizer_init=True, kv_cache_config=kv_cache,
+                       **self.engine_options)
+        log.info("TensorRT-LLM engine: building for %s (sm %s, TensorRT-LLM %s, %s) with %s; "
+                 "cached in %s", key.gpu_name, key.compute_capability, key.trtllm_version, key.dtype,
+                 limits.describe(), folder)
+        build_config = trtllm.BuildConfig(max_batch_size=limits.max_batch_size,
+                                          max_input_len=limits.max_input_len,
+                                          max_seq_len=limits.max_seq_len,
+                                          max_num_tokens=limits.max_num_tokens, max_beam_width=1)
+        llm = LLM(model=str(hf_dir), skip_tokenizer_init=True, dtype=key.dtype,
+                  build_config=build_config, kv_cache_config=kv_cache, **self.engine_options)
+        partial = folder.with_name(folder.name + ".partial")
+        for leftover in (partial, folder):   # from a build that was killed
+            if leftover.exists():
+                shutil.rmtree(leftover)
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        llm.save(str(partial))
+        mark_complete(partial, key)
+        partial.rename(folder)
+        log.info("TensorRT-LLM engine: saved to %s", folder)
+        return llm
+
+
+def ensure_export(model_dir: Path, cache_dir: Path) -> Path:
+    """The HF export of the model directory's LLM, made once per version of llm.pt."""
+    folder = export_dir(cache_dir, model_dir)
+    if not folder.is_dir():
+        log.info("exporting the LLM of %s to %s (once)", model_dir, folder)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        export_model_dir(model_dir, folder)
+    return folder
+
+
+_DONE = object()
+
+
+class TrtLlmBackend:
+    """Streams speech tokens from a TensorRT-LLM `LLM`; safe to call from several threads."""
+
+    def __init__(self, llm, sampling_params: type, vocab: MergedVocab, head_bias: torch.Tensor,
+                 sampling: Callable[..., int], max_output_len: int):
+        self.llm = llm
+        self.sampling_params = sampling_params       # tensorrt_llm.SamplingParams
+        self.vocab = vocab
+        self.head_bias = head_bias                   # [S + 3] float32
+        self.sampling = sampling
+        self.max_output_len = max_output_len
+        self._loop = asyncio.new_event_loop()
+        threading.Thread(target=self._loop.run_forever, name="trtllm-stream", daemon=True).start()
+
+    def generate(self, text_ids: torch.Tensor, prompt_text_ids: torch.Tensor,
+                 prompt_speech_tokens: torch.Tensor, *, sampling: Callable[..., int] | None = None,
+                 generator: torch.Generator | None = None) -> Iterator[int]:
+        """See cosyvoice.backends.LLMBackend. The draw for each request is seeded from
+        `generator` when the request is submitted (the iterator's first step)."""
+        n_text = text_ids.shape[1]
+        max_len = min(int(n_text * MAX_TOKEN_TEXT_RATIO), self.max_output_len)
+        if max_len == 0:
+            return
+        sampler = SpeechTokenSampler(self.vocab.speech_offset, self.head_bias, self.vocab.speech_size,
+                                     int(n_text * MIN_TOKEN_TEXT_RATIO), sampling or self.sampling,
+                                     request_seed(generator))
+        params = self.sampling_params(
+            max_tokens=max_len, end_id=self.vocab.eos_id, pad_id=self.vocab.eos_id,
+            stop_token_ids=list(self.vocab.stop_ids), top_k=1, detokenize=False,
+            logits_processor=sampler)
+        prompt = self.vocab.prompt_ids(text_ids, prompt_text_ids, prompt_speech_tokens)
+        with contextlib.closing(self._stream(prompt, params)) as merged_ids:
+            for merged_id in merged_ids:
+                token = self.vocab.head_row(merged_id)
+                if token >= self.vocab.speech_size:
+                    return
+                yield token
+
+    def _stream(self, prompt: list[int], params) -> Iterator[int]:
+        """Generated ids of one request as they arrive; closing the iterator aborts the request."""
+        arrived: queue.Queue = queue.Queue()
+
+        async def run() -> None:
+            result = self.llm.generate_async(prompt, sampling_params=params, streaming=True)
+            try:
+                async for output in result:
+                    arrived.put(list(output.outputs[0].token_ids))   # all ids generated so far
+            except asyncio.CancelledError:
+                result.abort()
+                raise
+            except BaseException as error:
+                arrived.put(error)
+                raise
+            arrived.put(_DONE)
+
+        request = asyncio.run_coroutine_threadsafe(run(), self._loop)
+        emitted = 0
+        try:
+            while (item := arrived.get()) is not _DONE:
+                if isinstance(item, BaseException):
+                    raise RuntimeError(f"TensorRT-LLM request failed: {item}") from item
+                yield from item[emitted:]
+                emitted = len(item)
+        finally:
+            request.cancel()   # no-op once finished
