@@ -1,0 +1,171 @@
+"""Continuous batching of the speech LLM across concurrent requests.
+
+One scheduler thread owns the model. Each loop iteration it admits waiting requests (one prefill
+each, into a free cache slot), then advances every active request by one token in a single
+batched forward pass. Requests join and leave between steps, so a new request never waits for
+the others to finish, and N concurrent streams cost about one forward pass per token instead of N.
+
+Each request keeps its own sampler, generator and limits, so its tokens are the ones
+`SpeechLM.generate` gives for the same seed (up to float rounding in batched matrix products).
+`BatchedLLM.generate` has the same signature as `SpeechLM.generate`, so the synthesis code does
+not know which one it runs.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+from .errors import InputError
+from .models.llm import SpeechLM
+from .models.qwen_slots import SlotKVCache, forward_slots
+
+_END = object()  # queued after a request's last token
+
+
+@dataclass(eq=False)   # compared by identity (it holds tensors)
+class _Request:
+    prompt: torch.Tensor                 # [1, T, H] input embeddings
+    min_len: int
+    max_len: int
+    sample: Callable[..., int]
+    generator: torch.Generator | None
+    tokens: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)   # ints, then _END or an error
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    decoded: list[int] = field(default_factory=list)
+    slot: int = -1
+    position: int = 0                    # where the next input goes in the cache
+    next_input: torch.Tensor | None = None   # [H] embedding of the last sampled token
+
+
+class BatchedLLM:
+    """Serves `generate` calls from many threads with one batched decode loop."""
+
+    def __init__(self, llm: SpeechLM, max_batch: int = 8, max_len: int = 4096):
+        self.llm = llm
+        self.body = llm.llm.model.model
+        self.max_batch = max_batch
+        self.max_len = max_len
+        self._cache: SlotKVCache | None = None       # allocated by the scheduler thread on first use
+        self._waiting: queue.SimpleQueue[_Request] = queue.SimpleQueue()
+        self._active: list[_Request] = []
+        self._free_slots = list(range(max_batch))
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+
+    def generate(self, text_ids: torch.Tensor, prompt_text_ids: torch.Tensor,
+                 prompt_speech_tokens: torch.Tensor, *, sampling: Callable[..., int] | None = None,
+                 generator: torch.Generator | None = None, min_token_text_ratio: float = 2,
+                 max_token_text_ratio: float = 20) -> Iterator[int]:
+        """Yields speech tokens as the scheduler produces them (see SpeechLM.generate)."""
+        n_text = text_ids.shape[1]
+        with torch.inference_mode():
+            prompt = self.llm.prompt_embeddings(text_ids, prompt_text_ids, prompt_speech_tokens)
+        room = self.max_len - prompt.shape[1]          # cache positions left for generated tokens
+        min_len = int(n_text * min_token_text_ratio)
+        if room <= min_len:
+            raise InputError(f"the voice prompt and text need more than {self.max_len} LLM positions: "
+                             "use a shorter prompt or text")
+        request = _Request(prompt, min_len, min(int(n_text * max_token_text_ratio), room),
+                           sampling or self.llm.sampling, generator)
+        self._ensure_running()
+        self._waiting.put(request)
+        return self._drain(request)
+
+    @staticmethod
+    def _drain(request: _Request) -> Iterator[int]:
+        try:
+            while True:
+                item = request.tokens.get()
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            request.cancelled.set()   # the consumer stopped early (or finished): free the slot
+
+    def _ensure_running(self) -> None:
+        with self._start_lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="llm-batcher", daemon=True)
+                self._thread.start()
+
+    # ---- scheduler thread --------------------------------------------------------------------
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            self._cache = SlotKVCache(self.body, self.max_batch, self.max_len)
+            while True:
+                self._admit(block=not self._active)
+                self._drop_cancelled()
+                if self._active:
+                    self._guarded(self._active, self._step)
+
+    def _admit(self, block: bool) -> None:
+        """Prefills waiting requests into free slots (waits for one when nothing is active)."""
+        while self._free_slots:
+            try:
+                request = self._waiting.get(block=block)
+            except queue.Empty:
+                return
+            block = False
+            if request.cancelled.is_set():
+                continue
+            request.slot = self._free_slots.pop()
+            self._active.append(request)
+            self._guarded([request], lambda batch: self._prefill(batch[0]))
+
+    def _prefill(self, request: _Request) -> None:
+        steps = request.prompt.shape[1]
+        device = self._cache.keys.device
+        hidden = forward_slots(self.body, request.prompt, torch.arange(steps, device=device)[None],
+                               torch.tensor([request.slot], device=device), self._cache)
+        request.position = steps
+        self._take_token(request, self.llm._log_probs(hidden[0, -1]))
+
+    def _step(self, batch: list[_Request]) -> None:
+        device = self._cache.keys.device
+        inputs = torch.stack([r.next_input for r in batch])[:, None]                      # [B, 1, H]
+        positions = torch.tensor([[r.position] for r in batch], device=device)            # [B, 1]
+        slots = torch.tensor([r.slot for r in batch], device=device)
+        logp = self.llm._log_probs(forward_slots(self.body, inputs, positions, slots, self._cache)[:, 0])
+        for request, row in zip(list(batch), logp):
+            request.position += 1
+            self._take_token(request, row)
+
+    def _take_token(self, request: _Request, logp: torch.Tensor) -> None:
+        """Samples the request's next token from logp [V]; emits it or ends the request."""
+        if len(request.decoded) < request.min_len:
+            logp[self.llm.eos_token] = -float("inf")
+        token = request.sample(logp, request.decoded, generator=request.generator)
+        if self.llm.is_stop_token(token):
+            self._finish(request, _END)
+            return
+        request.decoded.append(token)
+        request.tokens.put(token)
+        if len(request.decoded) >= request.max_len:
+            self._finish(request, _END)
+            return
+        request.next_input = self.llm.speech_embedding.weight[token]
+
+    def _finish(self, request: _Request, last_item) -> None:
+        request.tokens.put(last_item)
+        self._active.remove(request)
+        self._free_slots.append(request.slot)
+
+    def _drop_cancelled(self) -> None:
+        for request in [r for r in self._active if r.cancelled.is_set()]:
+            self._finish(request, _END)
+
+    def _guarded(self, batch: list[_Request], work: Callable[[list[_Request]], None]) -> None:
+        """Runs `work`; if it fails (out of memory, say), the requests in `batch` get the error
+        and leave, and the scheduler carries on with the others."""
+        try:
+            work(batch)
+        except Exception as exc:  # delivered to the callers of generate(), not swallowed
+            for request in [r for r in batch if r in self._active]:
+                self._finish(request, exc)

@@ -1,0 +1,88 @@
+"""Continuous batching: tokens equal the one-request path, requests come and go independently."""
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from cosyvoice.batching import BatchedLLM
+from cosyvoice.errors import InputError
+from cosyvoice.loader import load_stage
+from cosyvoice.models.sampling import greedy_sampling
+
+LAYOUTS = ["zero_shot", "cross_lingual", "instruct2"]
+
+
+@pytest.fixture(scope="module")
+def llm(model_dir):
+    return load_stage(model_dir, "llm")
+
+
+def _inputs(ref, layout):
+    return (torch.from_numpy(ref[f"{layout}_text_ids"]), torch.from_numpy(ref[f"{layout}_prompt_text_ids"]),
+            torch.from_numpy(ref[f"{layout}_prompt_speech_token"]))
+
+
+def _run_concurrently(jobs):
+    """Runs each zero-argument job in its own thread; returns their results in order."""
+    results, errors = [None] * len(jobs), []
+
+    def run(index, job):
+        try:
+            results[index] = job()
+        except Exception as exc:  # re-raised below through the assertion
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=item) for item in enumerate(jobs)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert not errors, errors
+    return results
+
+
+@pytest.mark.parity
+def test_batched_greedy_tokens_equal_the_reference(llm, reference):
+    ref = reference("llm")
+    batched = BatchedLLM(llm, max_batch=4, max_len=2048)
+    results = _run_concurrently([lambda layout=layout: list(batched.generate(*_inputs(ref, layout),
+                                                                             sampling=greedy_sampling))
+                                 for layout in LAYOUTS])
+    for layout, tokens in zip(LAYOUTS, results):
+        assert tokens == ref[f"{layout}_greedy_tokens"].tolist(), layout
+
+
+def test_batched_sampling_equals_one_request_at_a_time(llm, reference):
+    ref = reference("llm")
+    jobs = [(layout, seed) for layout in LAYOUTS for seed in (1, 2)]
+    solo = [list(llm.generate(*_inputs(ref, layout), generator=torch.Generator().manual_seed(seed)))
+            for layout, seed in jobs]
+    batched = BatchedLLM(llm, max_batch=4, max_len=2048)   # fewer slots than requests: some wait
+    together = _run_concurrently([
+        lambda layout=layout, seed=seed: list(batched.generate(*_inputs(ref, layout),
+                                                               generator=torch.Generator().manual_seed(seed)))
+        for layout, seed in jobs])
+    assert together == solo
+
+
+def test_a_consumer_that_stops_frees_its_slot(llm, reference):
+    ref = reference("llm")
+    batched = BatchedLLM(llm, max_batch=2, max_len=2048)
+    tokens = batched.generate(*_inputs(ref, "cross_lingual"), generator=torch.Generator().manual_seed(0))
+    first = [next(tokens) for _ in range(3)]
+    tokens.close()
+    deadline = time.monotonic() + 60
+    while len(batched._free_slots) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(first) == 3 and len(batched._free_slots) == 2
+    assert len(list(batched.generate(*_inputs(ref, "instruct2"), sampling=greedy_sampling))) \
+        == len(ref["instruct2_greedy_tokens"])
+
+
+def test_too_long_for_the_cache_is_an_input_error(llm, reference):
+    ref = reference("llm")
+    batched = BatchedLLM(llm, max_batch=1, max_len=64)
+    with pytest.raises(InputError, match="LLM positions"):
+        batched.generate(*_inputs(ref, "zero_shot"))
