@@ -63,7 +63,7 @@ def test_instruct_marker_is_one_special_token(tokenizer):
     assert tokenizer.encode("<|endofprompt|>") == [tokenizer.token_id("<|endofprompt|>")]
 
 
-@pytest.mark.parametrize("text", ["", "   ", "。！？", "……", "!!!"])
+@pytest.mark.parametrize("text", ["", "   ", "。！？", "……", "!!!", "!!! ... ???", "? ? ?", "—— $ %"])
 def test_nothing_speakable_gives_no_segments(normalizer, text):
     assert normalizer.split(text) == []
 

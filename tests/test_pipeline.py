@@ -116,8 +116,11 @@ def test_concurrent_requests_match_their_solo_runs(tts, voice):
     (lambda tts, v: tts.cross_lingual("Hello."), "needs a voice"),
     (lambda tts, v: tts.cross_lingual("Hello.", voice=v, speed=0), "speed"),
     (lambda tts, v: tts.cross_lingual("Hello.", voice=v, speed=1.5, stream=True), "speed"),
-    (lambda tts, v: tts.cross_lingual("Hello.", np.zeros(4000, np.float32), sample_rate=16000), "at least 0.5 s"),
-    (lambda tts, v: tts.cross_lingual("Hello.", np.zeros(16000 * 31, np.float32), sample_rate=16000), "at most 30 s"),
+    (lambda tts, v: tts.cross_lingual("Hello.", np.ones(4000, np.float32) / 4, sample_rate=16000), "at least 0.5 s"),
+    (lambda tts, v: tts.cross_lingual("Hello.", np.ones(16000 * 31, np.float32) / 4, sample_rate=16000),
+     "at most 30 s"),
+    (lambda tts, v: tts.cross_lingual("Hello.", np.zeros(16000 * 3, np.float32), sample_rate=16000), "silent"),
+    (lambda tts, v: tts.cross_lingual("!!! ... ???", voice=v), "nothing to speak"),
     (lambda tts, v: tts.cross_lingual("Hello.", b"not audio at all"), "audio"),
 ])
 def test_bad_requests_raise_input_error_at_call_time(tts, voice, call, message):

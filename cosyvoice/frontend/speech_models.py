@@ -25,6 +25,7 @@ SPEAKER_ENCODER_FILE = "campplus.onnx"
 MAX_PROMPT_SECONDS = 30.0   # the speech tokenizer's limit
 MIN_PROMPT_SECONDS = 0.5    # shorter prompts give too few tokens to condition on
 MIN_PROMPT_SAMPLE_RATE = 16000  # the reference refuses to upsample prompts from below 16 kHz
+SILENCE_PEAK = 1e-4             # a prompt whose loudest sample is below this carries no voice
 
 
 def open_session(path: str | Path, device: str = "cpu") -> ort.InferenceSession:
@@ -142,3 +143,5 @@ def check_prompt(samples: np.ndarray, sample_rate: int) -> None:
     if seconds > MAX_PROMPT_SECONDS:
         raise AudioError(f"the prompt audio is {seconds:.1f} s long; "
                          f"it must be at most {MAX_PROMPT_SECONDS:g} s")
+    if float(np.max(np.abs(samples))) < SILENCE_PEAK:
+        raise AudioError("the prompt audio is silent; record a few seconds of the voice to clone")

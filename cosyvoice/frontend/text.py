@@ -22,6 +22,7 @@ ZH_SENTENCE_MARKS = "。？！；：、.?!;"
 EN_SENTENCE_MARKS = ".?!;:"
 CLOSING_QUOTES = '"”'
 _ONLY_PUNCTUATION = regex.compile(r"^[\p{P}\p{S}]*$")
+_NOTHING_TO_SAY = regex.compile(r"^[\p{P}\p{S}\p{Z}\s]*$")   # punctuation, symbols, spaces
 _DIGIT_RUN = re.compile(r"\d+")   # str.isdigit runs: ASCII and other Unicode digits
 _TRAILING_COMMAS = re.compile(r"[，,、]+$")
 
@@ -137,7 +138,7 @@ class TextNormalizer:
         if self._passthrough(text):
             return text
         text = text.strip()
-        if not text:
+        if _NOTHING_TO_SAY.match(text):   # (wetext fails an assertion on such text)
             return ""
         if self.ttsfrd is not None:
             return "".join(self.ttsfrd.sentences(text))
@@ -149,7 +150,7 @@ class TextNormalizer:
         if self._passthrough(text):
             return [text]
         text = text.strip()
-        if not text:
+        if _NOTHING_TO_SAY.match(text):   # (wetext fails an assertion on such text)
             return []
         if self.ttsfrd is not None:
             segments = self.ttsfrd.sentences(text)

@@ -1,0 +1,9 @@
+"""The HTTP server: one FastAPI app serving the native, upstream, xtts and OpenAI APIs.
+
+    from cosyvoice.server import Settings, create_app
+    app = create_app(Settings.from_args(["--model-dir", "pretrained_models/CosyVoice2-0.5B"]))
+"""
+from .app import create_app
+from .settings import Settings
+
+__all__ = ["create_app", "Settings"]

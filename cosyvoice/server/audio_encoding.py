@@ -1,0 +1,171 @@
+"""float32 mono chunks -> the bytes of an audio format, chunk by chunk as they are made.
+
+    encoder = stream_encoder("mp3", 24000)
+    for chunk in chunks:
+        send(encoder.write(chunk))      # may be b"" while the codec gathers a frame
+    send(encoder.close())
+
+Formats: wav (16-bit; streamed with an open-ended header whose sizes are 0xFFFFFFFF), pcm (raw
+s16le), mp3 (constant bit rate, so a reader can tell the length without the final header), opus
+(in ogg), flac, and aac (ADTS, only when PyAV is installed). `encode_whole` encodes a complete
+waveform with exact headers, for responses that are not streamed.
+"""
+from __future__ import annotations
+
+import importlib.util
+import io
+import struct
+
+import numpy as np
+import soundfile as sf
+
+from .errors import ApiError
+
+MEDIA_TYPES = {"wav": "audio/wav", "pcm": "audio/pcm", "mp3": "audio/mpeg", "opus": "audio/ogg",
+               "flac": "audio/flac", "aac": "audio/aac"}
+# soundfile (libsndfile) format, subtype and writer options of each compressed format
+SOUNDFILE_FORMATS = {
+    "mp3": ("MP3", "MPEG_LAYER_III", {"bitrate_mode": "CONSTANT", "compression_level": 0.5}),
+    "opus": ("OGG", "OPUS", {}),
+    "flac": ("FLAC", "PCM_16", {}),
+}
+OPEN_ENDED = 0xFFFFFFFF
+
+
+def available_formats() -> list[str]:
+    formats = ["wav", "pcm", "mp3", "opus", "flac"]
+    if importlib.util.find_spec("av") is not None:
+        formats.append("aac")
+    return formats
+
+
+def check_format(name: str) -> str:
+    """Returns the format name, or raises a 400 listing the formats this server can make."""
+    if name not in available_formats():
+        hint = " (aac needs PyAV: pip install av)" if name == "aac" else ""
+        raise ApiError(400, f"unsupported audio format '{name}'{hint}; "
+                            f"choose one of {', '.join(available_formats())}")
+    return name
+
+
+def to_s16le(samples: np.ndarray) -> bytes:
+    return (np.clip(samples, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
+
+
+def wav_header(sample_rate: int, data_bytes: int = OPEN_ENDED) -> bytes:
+    """The 44-byte header of a 16-bit mono PCM WAV; the default sizes say 'until the stream ends'."""
+    riff_size = OPEN_ENDED if data_bytes == OPEN_ENDED else 36 + data_bytes
+    return (b"RIFF" + struct.pack("<I", riff_size) + b"WAVE"
+            + b"fmt " + struct.pack("<IHHIIHH", 16, 1, 1, sample_rate, 2 * sample_rate, 2, 16)
+            + b"data" + struct.pack("<I", data_bytes))
+
+
+class PcmEncoder:
+    def __init__(self, header: bytes = b""):
+        self._pending_header = header
+
+    def write(self, samples: np.ndarray) -> bytes:
+        data = self._pending_header + to_s16le(samples)
+        self._pending_header = b""
+        return data
+
+    def close(self) -> bytes:
+        data, self._pending_header = self._pending_header, b""
+        return data
+
+
+class WavStreamEncoder(PcmEncoder):
+    def __init__(self, sample_rate: int):
+        super().__init__(wav_header(sample_rate))
+
+
+class SoundfileEncoder:
+    """libsndfile writes into a BytesIO; each call returns the bytes added since the last one.
+
+    The buffer keeps the whole stream, because libsndfile seeks back to finish the header on close
+    (FLAC's sample count, MP3's info frame); those late patches reach only `encode_whole` callers.
+    """
+
+    def __init__(self, sample_rate: int, name: str):
+        container, subtype, options = SOUNDFILE_FORMATS[name]
+        self._buffer = io.BytesIO()
+        self._file = sf.SoundFile(self._buffer, "w", sample_rate, 1, subtype=subtype,
+                                  format=container, **options)
+        self._sent = 0
+
+    def write(self, samples: np.ndarray) -> bytes:
+        self._file.write(samples)
+        return self._take()
+
+    def close(self) -> bytes:
+        self._file.close()
+        return self._take()
+
+    def _take(self) -> bytes:
+        data = self._buffer.getvalue()[self._sent:]
+        self._sent += len(data)
+        return data
+
+    def contents(self) -> bytes:
+        """Everything written, with the header as finished by close()."""
+        return self._buffer.getvalue()
+
+
+class AacEncoder:
+    """AAC in ADTS frames through PyAV (FFmpeg's native encoder)."""
+
+    def __init__(self, sample_rate: int):
+        import av   # optional dependency: only this format needs it
+
+        self._av = av
+        self._sample_rate = sample_rate
+        self._buffer = io.BytesIO()
+        self._container = av.open(self._buffer, "w", format="adts")
+        self._stream = self._container.add_stream("aac", rate=sample_rate)
+        self._stream.layout = "mono"
+        self._sent = 0
+
+    def write(self, samples: np.ndarray) -> bytes:
+        frame = self._av.AudioFrame.from_ndarray(np.ascontiguousarray(samples, dtype=np.float32)[None, :],
+                                                 format="flt", layout="mono")
+        frame.sample_rate = self._sample_rate
+        for packet in self._stream.encode(frame):
+            self._container.mux(packet)
+        return self._take()
+
+    def close(self) -> bytes:
+        for packet in self._stream.encode(None):
+            self._container.mux(packet)
+        self._container.close()
+        return self._take()
+
+    def _take(self) -> bytes:
+        data = self._buffer.getvalue()[self._sent:]
+        self._sent += len(data)
+        return data
+
+
+def stream_encoder(name: str, sample_rate: int):
+    check_format(name)
+    if name == "wav":
+        return WavStreamEncoder(sample_rate)
+    if name == "pcm":
+        return PcmEncoder()
+    if name == "aac":
+        return AacEncoder(sample_rate)
+    return SoundfileEncoder(sample_rate, name)
+
+
+def encode_whole(name: str, samples: np.ndarray, sample_rate: int) -> bytes:
+    """A complete file with exact headers."""
+    check_format(name)
+    if name == "wav":
+        data = to_s16le(samples)
+        return wav_header(sample_rate, len(data)) + data
+    if name in SOUNDFILE_FORMATS:
+        encoder = SoundfileEncoder(sample_rate, name)
+        encoder.write(samples)
+        encoder.close()
+        return encoder.contents()
+    encoder = stream_encoder(name, sample_rate)
+    return encoder.write(samples) + encoder.close()

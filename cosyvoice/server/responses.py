@@ -1,0 +1,59 @@
+"""A started generation -> an HTTP response in the asked audio format, streamed or whole."""
+from __future__ import annotations
+
+import numpy as np
+from fastapi import Request, Response
+from fastapi.responses import StreamingResponse
+from starlette.background import BackgroundTask
+
+from .audio_encoding import MEDIA_TYPES, encode_whole, stream_encoder
+from .engine import Generation
+
+
+def audio_headers(fmt: str, sample_rate: int, from_cache: bool) -> dict[str, str]:
+    headers = {"X-Sample-Rate": str(sample_rate), "X-Audio-Format": fmt, "X-Channels": "1",
+               "X-Cache": "hit" if from_cache else "miss"}
+    if fmt == "pcm":
+        headers["X-Sample-Format"] = "s16le"
+    return headers
+
+
+async def audio_response(request: Request, generation: Generation, fmt: str, sample_rate: int,
+                         stream: bool) -> Response:
+    headers = audio_headers(fmt, sample_rate, generation.from_cache)
+    if stream:
+        # close() also runs as a background task: the body may be abandoned before it starts
+        return StreamingResponse(_encoded(request, generation, fmt, sample_rate),
+                                 media_type=MEDIA_TYPES[fmt], headers=headers,
+                                 background=BackgroundTask(generation.close))
+    audio = await collect(request, generation)
+    return Response(encode_whole(fmt, audio, sample_rate), media_type=MEDIA_TYPES[fmt], headers=headers)
+
+
+async def collect(request: Request, generation: Generation) -> np.ndarray:
+    """Every chunk, concatenated; stops early if the client has gone."""
+    chunks = []
+    try:
+        async for chunk in generation.chunks():
+            chunks.append(chunk)
+            if await request.is_disconnected():
+                break
+    finally:
+        generation.close()
+    return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
+
+
+async def _encoded(request: Request, generation: Generation, fmt: str, sample_rate: int):
+    encoder = stream_encoder(fmt, sample_rate)
+    try:
+        async for chunk in generation.chunks():
+            data = encoder.write(chunk)
+            if data:
+                yield data
+            if await request.is_disconnected():
+                return
+        tail = encoder.close()
+        if tail:
+            yield tail
+    finally:
+        generation.close()

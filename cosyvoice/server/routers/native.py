@@ -1,0 +1,85 @@
+"""The native API (compatible with the server this project replaces) and the voices API.
+
+    POST /tts                form text, speaker -> raw s16le PCM, streamed
+    GET  /api/speakers       registered voices and built-in speakers
+    GET  /api/voices         registered voices;  POST (multipart name, prompt_text, audio) adds one
+    DELETE /api/voices/{name}, GET /api/voices/{name}/audio
+"""
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
+from fastapi.responses import FileResponse, Response
+
+from ..audio_encoding import check_format
+from ..engine import Engine
+from ..errors import ApiError
+from ..schemas import SpeakerOut, VoiceOut
+from ..speech import job_for_voice
+from ..responses import audio_response
+from ..voices import VoiceInfo, check_name
+from . import engine_of, ready_engine
+
+router = APIRouter(tags=["native"])
+
+
+@router.post("/tts", summary="speak text in a voice; streams raw s16le PCM by default")
+async def tts(request: Request,
+              text: str = Form(..., description="text to speak"),
+              speaker: str = Form("", description="a registered voice or built-in speaker; empty: default"),
+              instruct: str = Form("", description="how to speak (instruct2)"),
+              speed: float = Form(1.0),
+              seed: int | None = Form(None),
+              format: str = Form("pcm", description="pcm, wav, mp3, opus, flac or aac"),
+              stream: bool = Form(True),
+              engine: Engine = Depends(ready_engine)) -> Response:
+    check_format(format)
+    job = job_for_voice(engine, text, speaker or None, instruct=instruct, speed=speed, seed=seed,
+                        stream=stream)
+    generation = await engine.start(job)
+    return await audio_response(request, generation, format, engine.sample_rate, stream)
+
+
+@router.get("/api/speakers", response_model=list[SpeakerOut], summary="voices and built-in speakers")
+def speakers(engine: Engine = Depends(ready_engine)) -> list[SpeakerOut]:
+    voices = [SpeakerOut(name=info.name, voice_id=info.name, kind="voice") for info in engine.voices.list()]
+    builtin = [SpeakerOut(name=name, voice_id=name, kind="builtin") for name in sorted(engine.tts.speakers)]
+    return voices + builtin
+
+
+def voice_out(info: VoiceInfo) -> VoiceOut:
+    return VoiceOut(name=info.name, prompt_text=info.prompt_text, created=info.created,
+                    source=info.source, audio_url=f"/api/voices/{info.name}/audio")
+
+
+@router.get("/api/voices", response_model=list[VoiceOut], summary="registered voices")
+def list_voices(engine: Engine = Depends(engine_of)) -> list[VoiceOut]:
+    return [voice_out(info) for info in engine.voices.list()]
+
+
+@router.post("/api/voices", response_model=VoiceOut, status_code=201, summary="register a voice")
+async def register_voice(name: str = Form(..., description="no path separators, brackets or leading '.'"),
+                         prompt_text: str = Form("", description="transcript of the audio "
+                                                                 "(needed for zero_shot)"),
+                         audio: UploadFile = File(..., description="3 to 30 s of clear speech"),
+                         engine: Engine = Depends(ready_engine)) -> VoiceOut:
+    check_name(name)
+    if any(info.name == name for info in engine.voices.list()):
+        raise ApiError(409, f"a voice named '{name}' exists; delete it first")
+    if len(prompt_text) > engine.settings.max_text_chars:
+        raise ApiError(400, f"the prompt text is longer than {engine.settings.max_text_chars} characters")
+    data = await audio.read()
+    if not data:
+        raise ApiError(400, "the audio upload is empty")
+    info = await engine.run(engine.voices.register, engine.tts, name, prompt_text, data)
+    return voice_out(info)
+
+
+@router.delete("/api/voices/{name}", summary="delete a voice (and its imported file)")
+def delete_voice(name: str, engine: Engine = Depends(engine_of)) -> dict:
+    engine.voices.delete(check_name(name))
+    return {"deleted": name}
+
+
+@router.get("/api/voices/{name}/audio", summary="the prompt audio of a voice")
+def voice_audio(name: str, engine: Engine = Depends(engine_of)) -> FileResponse:
+    return FileResponse(engine.voices.audio_path(check_name(name)))

@@ -1,0 +1,110 @@
+"""The upstream CosyVoice runtime API: raw s16le PCM at the model's rate, streamed.
+
+Each endpoint answers GET (query parameters) and POST (form fields, `prompt_wav` as a file).
+Where upstream takes `prompt_wav`, a registered voice may be named in `spk_id` instead; `spk_id`
+of /inference_sft is a built-in speaker or a registered voice. Extensions: `speed`, `seed`.
+
+    /inference_sft            tts_text, spk_id
+    /inference_zero_shot      tts_text, prompt_text, prompt_wav
+    /inference_cross_lingual  tts_text, prompt_wav
+    /inference_instruct       tts_text, spk_id, instruct_text   (CosyVoice2: instruct2 in the voice)
+    /inference_instruct2      tts_text, instruct_text, prompt_wav
+"""
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
+from starlette.datastructures import UploadFile
+
+from ..engine import Engine, Job
+from ..errors import ApiError
+from ..responses import audio_response
+from ..speech import job_for_upload, job_for_voice
+from . import ready_engine
+
+router = APIRouter(tags=["upstream CosyVoice"])
+
+
+class UpstreamParams(BaseModel):
+    tts_text: str
+    spk_id: str = ""
+    prompt_text: str = ""
+    instruct_text: str = ""
+    speed: float = 1.0
+    seed: int | None = None
+
+
+async def read_params(request: Request) -> tuple[UpstreamParams, bytes | None]:
+    """Query parameters (GET) or form fields (POST), validated; and the prompt_wav upload if any."""
+    fields, upload = dict(request.query_params), None
+    if request.method == "POST":
+        content_type = request.headers.get("content-type", "")
+        if content_type and not content_type.startswith(("multipart/form-data",
+                                                          "application/x-www-form-urlencoded")):
+            raise ApiError(415, f"send form fields (multipart/form-data or urlencoded), not {content_type}")
+        form = await request.form()
+        for key, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                if key == "prompt_wav":
+                    upload = await value.read()
+            else:
+                fields[key] = value
+    try:
+        return UpstreamParams(**fields), upload
+    except ValidationError as error:
+        raise RequestValidationError(error.errors()) from None
+
+
+async def respond(request: Request, engine: Engine, job: Job) -> Response:
+    generation = await engine.start(job)
+    return await audio_response(request, generation, "pcm", engine.sample_rate, stream=True)
+
+
+def prompt_job(engine: Engine, mode: str, params: UpstreamParams, upload: bytes | None) -> Job:
+    """A job on the uploaded prompt_wav, or on the registered voice named in spk_id."""
+    if upload is not None:
+        return job_for_upload(engine, mode, params.tts_text, upload, params.prompt_text,
+                              instruct=params.instruct_text, speed=params.speed, seed=params.seed)
+    if not params.spk_id:
+        raise ApiError(400, f"{mode} needs prompt audio: upload prompt_wav (POST multipart) "
+                            "or name a registered voice in spk_id")
+    return job_for_voice(engine, params.tts_text, params.spk_id, mode=mode,
+                         instruct=params.instruct_text, speed=params.speed, seed=params.seed)
+
+
+@router.api_route("/inference_sft", methods=["GET", "POST"])
+async def inference_sft(request: Request, engine: Engine = Depends(ready_engine)) -> Response:
+    params, _ = await read_params(request)
+    if not params.spk_id:
+        raise ApiError(400, "spk_id is required: a built-in speaker or a registered voice")
+    job = job_for_voice(engine, params.tts_text, params.spk_id, speed=params.speed, seed=params.seed)
+    return await respond(request, engine, job)
+
+
+@router.api_route("/inference_zero_shot", methods=["GET", "POST"])
+async def inference_zero_shot(request: Request, engine: Engine = Depends(ready_engine)) -> Response:
+    params, upload = await read_params(request)
+    return await respond(request, engine, prompt_job(engine, "zero_shot", params, upload))
+
+
+@router.api_route("/inference_cross_lingual", methods=["GET", "POST"])
+async def inference_cross_lingual(request: Request, engine: Engine = Depends(ready_engine)) -> Response:
+    params, upload = await read_params(request)
+    return await respond(request, engine, prompt_job(engine, "cross_lingual", params, upload))
+
+
+@router.api_route("/inference_instruct", methods=["GET", "POST"])
+async def inference_instruct(request: Request, engine: Engine = Depends(ready_engine)) -> Response:
+    params, _ = await read_params(request)
+    if not params.spk_id:
+        raise ApiError(400, "spk_id is required: a registered voice to speak in")
+    if not params.instruct_text.strip():
+        raise ApiError(400, "instruct_text is required")
+    return await respond(request, engine, prompt_job(engine, "instruct2", params, None))
+
+
+@router.api_route("/inference_instruct2", methods=["GET", "POST"])
+async def inference_instruct2(request: Request, engine: Engine = Depends(ready_engine)) -> Response:
+    params, upload = await read_params(request)
+    return await respond(request, engine, prompt_job(engine, "instruct2", params, upload))

@@ -1,0 +1,90 @@
+"""Request parameters -> an engine Job: text checks, voice choice, mode choice, cache key.
+
+Every API family ends here, so every family checks text, speed and voices the same way.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+
+from .engine import Engine, Job, PromptUpload
+from .errors import ApiError
+
+MIN_SPEED, MAX_SPEED = 0.25, 4.0
+# Control characters other than tab and newlines mean binary junk, not text to speak.
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ufffe\uffff]")
+
+
+def check_text(text: str | None, max_chars: int, what: str = "text") -> str:
+    if text is None or not text.strip():
+        raise ApiError(400, f"the {what} is empty")
+    if len(text) > max_chars:
+        raise ApiError(400, f"the {what} has {len(text)} characters; the limit is {max_chars}")
+    if CONTROL_CHARACTERS.search(text):
+        raise ApiError(400, f"the {what} contains control characters; send plain UTF-8 text")
+    if not any(character.isalnum() for character in text):
+        raise ApiError(400, f"the {what} has nothing to speak (only punctuation or symbols)")
+    return text
+
+
+def check_speed(speed: float) -> float:
+    if not MIN_SPEED <= speed <= MAX_SPEED:
+        raise ApiError(400, f"speed must be between {MIN_SPEED} and {MAX_SPEED}, not {speed}")
+    return speed
+
+
+def job_for_voice(engine: Engine, text: str, voice_name: str | None, *, instruct: str = "",
+                  mode: str | None = None, speed: float = 1.0, seed: int | None = None,
+                  stream: bool = True) -> Job:
+    """A job speaking `text` in a stored voice, or as a built-in speaker of the model (sft).
+
+    Without an explicit mode: an instruction means instruct2, a voice with a transcript zero_shot,
+    one without cross_lingual.
+    """
+    settings = engine.settings
+    text = check_text(text, settings.max_text_chars)
+    speed = check_speed(speed)
+    if instruct:
+        check_text(instruct, settings.max_text_chars, "instruction")
+    if voice_name and voice_name in engine.tts.speakers and voice_name not in _stored_names(engine):
+        if instruct or mode not in (None, "sft"):
+            raise ApiError(400, f"'{voice_name}' is a built-in speaker; it supports plain (sft) speech only")
+        return _job("sft", text, None, f"speaker:{voice_name}", speed, seed, stream, speaker=voice_name)
+    if mode == "sft":
+        raise ApiError(400, f"unknown built-in speaker '{voice_name}'; available: "
+                            f"{', '.join(sorted(engine.tts.speakers)) or 'none (this model has none)'}")
+    stored = engine.voices.resolve(voice_name)
+    if mode is None:
+        mode = "instruct2" if instruct else ("zero_shot" if stored.info.prompt_text else "cross_lingual")
+    return _job(mode, text, stored.voice, f"voice:{stored.info.name}:{stored.info.revision}",
+                speed, seed, stream, instruct=instruct)
+
+
+def job_for_upload(engine: Engine, mode: str, text: str, audio: bytes, prompt_text: str = "", *,
+                   instruct: str = "", speed: float = 1.0, seed: int | None = None,
+                   stream: bool = True) -> Job:
+    """A job whose voice is prompt audio sent with the request."""
+    settings = engine.settings
+    text = check_text(text, settings.max_text_chars)
+    speed = check_speed(speed)
+    if not audio:
+        raise ApiError(400, "the prompt audio upload is empty")
+    if mode == "zero_shot":
+        check_text(prompt_text, settings.max_text_chars, "prompt text (transcript of the prompt audio)")
+    if mode == "instruct2":
+        check_text(instruct, settings.max_text_chars, "instruction")
+    digest = hashlib.sha256(audio + b"\0" + prompt_text.encode("utf-8")).hexdigest()
+    return _job(mode, text, PromptUpload(audio, prompt_text), f"upload:{digest}", speed, seed,
+                stream, instruct=instruct)
+
+
+def _job(mode: str, text: str, voice, voice_key: str, speed: float, seed: int | None,
+         stream: bool, speaker: str = "", instruct: str = "") -> Job:
+    model_stream = stream and speed == 1.0    # the runtime changes speed on whole utterances only
+    key = (mode, text, voice_key, instruct, speed, seed, model_stream)
+    return Job(mode, text, voice, speaker=speaker, instruct=instruct, speed=speed, seed=seed,
+               stream=model_stream, cache_key=key)
+
+
+def _stored_names(engine: Engine) -> set[str]:
+    return {info.name for info in engine.voices.list()}

@@ -1,0 +1,238 @@
+"""The voice store: named, prepared voices that survive a restart.
+
+A voice folder holds prompt files named `[name]prompt text.wav` (any format libsndfile reads),
+imported at start; voices registered through the API live beside them. Prepared features are kept
+in the folder's `.store/` subfolder, so a restart loads them instead of recomputing:
+
+    voices/
+      [alice]Hello, this is Alice.wav      imported at start (deleting the voice deletes the file)
+      .store/alice.voice                   prepared features (cosyvoice.Voice.save)
+      .store/alice.json                    transcript, source file, revision, creation time
+      .store/bob.wav                       prompt audio of a voice registered through the API
+
+A voice's revision is a digest of its prompt audio and transcript: an imported file that changes
+is prepared again, and response-cache keys include it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+from ..frontend.audio import AudioError, load_audio
+from ..voice import Voice
+from .errors import ApiError
+
+log = logging.getLogger("cosyvoice.server")
+
+STORE_FOLDER = ".store"
+IMPORT_PATTERN = re.compile(r"\[(?P<name>[^\[\]]+)\](?P<text>.*)")
+AUDIO_SUFFIXES = {".wav", ".flac", ".mp3", ".ogg"}
+# A name becomes a file name: no separators, brackets, wildcards or control characters.
+FORBIDDEN_IN_NAME = re.compile(r"[\x00-\x1f\x7f/\\\[\]:*?\"<>|]")
+MAX_NAME_CHARS = 64
+MAX_NAME_BYTES = 200
+SILENCE_PEAK = 1e-4   # a prompt whose loudest sample is below this has nothing to imitate
+
+
+def check_name(name: str) -> str:
+    """Returns the name, or raises a 400 saying why it cannot name a voice."""
+    if not isinstance(name, str) or not name.strip():
+        raise ApiError(400, "the voice name is empty")
+    if name != name.strip():
+        raise ApiError(400, f"the voice name {name!r} starts or ends with spaces")
+    if len(name) > MAX_NAME_CHARS or len(name.encode("utf-8")) > MAX_NAME_BYTES:
+        raise ApiError(400, f"the voice name is longer than {MAX_NAME_CHARS} characters")
+    if name.startswith(".") or FORBIDDEN_IN_NAME.search(name):
+        raise ApiError(400, f"the voice name {name!r} may not start with '.' or contain "
+                            "/ \\ [ ] : * ? \" < > | or control characters")
+    return name
+
+
+def read_prompt(audio: bytes) -> tuple[np.ndarray, int]:
+    """Decodes prompt audio (any libsndfile format); refuses silence. Raises AudioError (a 400)."""
+    samples, rate = load_audio(audio)
+    if float(np.max(np.abs(samples))) < SILENCE_PEAK:
+        raise AudioError("the prompt audio is silent; record a few seconds of clear speech")
+    return samples, rate
+
+
+def revision_of(audio: bytes, prompt_text: str) -> str:
+    return hashlib.sha256(audio + b"\0" + prompt_text.encode("utf-8")).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class VoiceInfo:
+    name: str
+    prompt_text: str      # as given, before text normalisation
+    revision: str
+    created: float        # unix time of registration
+    source: str           # file name in the voice folder, or "api"
+
+
+@dataclass(frozen=True)
+class StoredVoice:
+    info: VoiceInfo
+    voice: Voice
+
+
+class VoiceStore:
+    """Thread-safe: registration runs in worker threads while requests read."""
+
+    def __init__(self, folder: Path, default_name: str = "default"):
+        self.folder = Path(folder)
+        self.store = self.folder / STORE_FOLDER
+        self.default_name = default_name
+        self._voices: dict[str, StoredVoice] = {}
+        self._lock = threading.Lock()
+
+    # ---- start -----------------------------------------------------------------------------------
+
+    def open(self, tts) -> dict[str, int]:
+        """Loads stored voices and imports the folder's prompt files. Returns counts of voices
+        `loaded` from the store, `prepared` anew and `skipped` (unusable files, logged)."""
+        self.store.mkdir(parents=True, exist_ok=True)
+        counts = {"loaded": 0, "prepared": 0, "skipped": 0}
+        imports = self._import_files()
+        for name, stored_voice in self._read_store(counts).items():
+            source = stored_voice.info.source
+            if source == "api" or (name in imports and imports[name][0].name == source
+                                   and imports[name][2] == stored_voice.info.revision):
+                self._voices[name] = stored_voice
+                counts["loaded"] += 1
+            elif name not in imports:
+                log.info("voice %s: its file %s is gone from %s; forgetting it", name, source, self.folder)
+                self._remove_files(name)
+        for name, (path, text, _) in imports.items():
+            if name in self._voices:
+                continue
+            try:
+                self._add(tts, name, text, path.read_bytes(), source=path.name)
+            except AudioError as error:
+                log.warning("voice file %s skipped: %s", path, error)
+                counts["skipped"] += 1
+                continue
+            counts["prepared"] += 1
+        log.info("voices: %d loaded from %s, %d prepared, %d skipped", counts["loaded"], self.store,
+                 counts["prepared"], counts["skipped"])
+        return counts
+
+    def _read_store(self, counts: dict[str, int]) -> dict[str, StoredVoice]:
+        voices = {}
+        for meta_path in sorted(self.store.glob("*.json")):
+            name = meta_path.stem
+            try:
+                info = VoiceInfo(**json.loads(meta_path.read_text(encoding="utf-8")))
+                voice = Voice.load(self.store / f"{name}.voice")
+            except (OSError, ValueError, TypeError) as error:   # InputError is a ValueError
+                log.warning("stored voice %s is unreadable (%s); it will be prepared again if its "
+                            "prompt file is in the folder", name, error)
+                counts["skipped"] += 1
+                continue
+            voices[name] = StoredVoice(info, voice)
+        return voices
+
+    def _import_files(self) -> dict[str, tuple[Path, str, str]]:
+        """name -> (prompt file, transcript, revision) of each `[name]transcript.wav` file."""
+        imports = {}
+        for path in sorted(self.folder.iterdir()):
+            match = IMPORT_PATTERN.fullmatch(path.stem)
+            if not path.is_file() or path.suffix.lower() not in AUDIO_SUFFIXES or not match:
+                continue
+            try:
+                name = check_name(match.group("name").strip())
+            except ApiError as error:
+                log.warning("voice file %s skipped: %s", path, error.message)
+                continue
+            text = match.group("text").strip()
+            imports[name] = (path, text, revision_of(path.read_bytes(), text))
+        return imports
+
+    # ---- API ---------------------------------------------------------------------------------
+
+    def list(self) -> list[VoiceInfo]:
+        with self._lock:
+            return sorted((v.info for v in self._voices.values()), key=lambda info: info.created)
+
+    def get(self, name: str) -> StoredVoice:
+        with self._lock:
+            found = self._voices.get(name)
+        if found is None:
+            raise ApiError(404, f"no voice named '{name}'")
+        return found
+
+    def resolve(self, name: str | None) -> StoredVoice:
+        """The voice a request names; no name or 'default' picks the default voice."""
+        with self._lock:
+            if name and name != "default":
+                if name in self._voices:
+                    return self._voices[name]
+                known = ", ".join(sorted(self._voices)) or "none registered"
+                raise ApiError(400, f"unknown voice '{name}'; available: {known}")
+            for candidate in (self.default_name, "default"):
+                if candidate in self._voices:
+                    return self._voices[candidate]
+            if self._voices:
+                return min(self._voices.values(), key=lambda v: v.info.created)
+        raise ApiError(400, "no voice is registered yet: register one with POST /api/voices "
+                            f"or put '[name]transcript.wav' files in {self.folder}")
+
+    def register(self, tts, name: str, prompt_text: str, audio: bytes) -> VoiceInfo:
+        """Prepares and saves a voice (slow: run it off the event loop). Replaces a same-named one."""
+        check_name(name)
+        with self._lock:
+            previous = self._voices.get(name)
+        if previous and previous.info.source != "api":
+            (self.folder / previous.info.source).unlink(missing_ok=True)
+        return self._add(tts, name, prompt_text.strip(), audio, source="api").info
+
+    def delete(self, name: str) -> None:
+        stored = self.get(name)
+        with self._lock:
+            self._voices.pop(name, None)
+            self._remove_files(name)
+            if stored.info.source != "api":
+                (self.folder / stored.info.source).unlink(missing_ok=True)
+
+    # ---- files ---------------------------------------------------------------------------------
+
+    def _add(self, tts, name: str, prompt_text: str, audio: bytes, source: str) -> StoredVoice:
+        samples, rate = read_prompt(audio)
+        voice = tts.prepare_voice(samples, prompt_text, sample_rate=rate)
+        info = VoiceInfo(name, prompt_text, revision_of(audio, prompt_text), time.time(), source)
+        stored = StoredVoice(info, voice)
+        with self._lock:
+            if source == "api":
+                _write_atomically(self.store / f"{name}.wav",
+                                  lambda path: sf.write(path, samples, rate, subtype="PCM_16", format="WAV"))
+            _write_atomically(self.store / f"{name}.voice", voice.save)
+            _write_atomically(self.store / f"{name}.json",
+                              lambda path: Path(path).write_text(json.dumps(asdict(info), ensure_ascii=False),
+                                                                 encoding="utf-8"))
+            self._voices[name] = stored
+        return stored
+
+    def audio_path(self, name: str) -> Path:
+        """The prompt audio file of a voice."""
+        info = self.get(name).info
+        return self.store / f"{name}.wav" if info.source == "api" else self.folder / info.source
+
+    def _remove_files(self, name: str) -> None:
+        for suffix in (".json", ".voice", ".wav"):
+            (self.store / f"{name}{suffix}").unlink(missing_ok=True)
+
+
+def _write_atomically(path: Path, write) -> None:
+    """Writes through a temporary file renamed into place, so a crash leaves no half file."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    write(str(temporary))
+    os.replace(temporary, path)

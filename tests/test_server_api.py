@@ -1,0 +1,241 @@
+"""Every endpoint of every API family, against a real server process on 127.0.0.1."""
+from __future__ import annotations
+
+import io
+import json
+
+import av
+import httpx
+import numpy as np
+import pytest
+import soundfile as sf
+
+from test_server_harness import (ALLOWED_ORIGIN, API_KEY, SHORT, assert_json_error, prompt_files,
+                                 shared_server, wait_for)
+
+RATE = 24000
+# zero_shot in 'alice' with this seed gives three model chunks (about 3.7 s of audio)
+STREAMING = {"text": "One two three four five six.", "seed": 3}
+
+
+@pytest.fixture(scope="module")
+def server(request, model_dir, fixture_dir):
+    return shared_server(request, model_dir, fixture_dir)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with server.client() as client:
+        yield client
+
+
+def decode(fmt: str, data: bytes, streamed: bool) -> tuple[np.ndarray, int]:
+    """Audio bytes -> (samples, rate): soundfile where it can tell the length, else PyAV."""
+    if fmt == "pcm":
+        assert len(data) % 2 == 0
+        return np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768, RATE
+    if fmt == "aac" or (fmt == "flac" and streamed):   # a streamed FLAC header has no length
+        with av.open(io.BytesIO(data)) as container:
+            frames = list(container.decode(audio=0))
+        return np.concatenate([frame.to_ndarray().reshape(-1) for frame in frames]), frames[0].sample_rate
+    samples, rate = sf.read(io.BytesIO(data), dtype="float32")
+    return samples, rate
+
+
+def stream_pieces(client: httpx.Client, method: str, path: str, **kwargs) -> tuple[httpx.Response, list[bytes]]:
+    """The response and its body as the separate pieces the socket delivered."""
+    with client.stream(method, path, **kwargs) as response:
+        pieces = [piece for piece in response.iter_raw() if piece] if response.status_code == 200 else []
+        if response.status_code != 200:
+            response.read()
+    return response, pieces
+
+
+# ---- operations ---------------------------------------------------------------------------------
+
+def test_health_ready_and_banner_need_no_key(server):
+    assert httpx.get(server.url + "/health").json() == {"status": "ok", "model": "ready"}
+    ready = httpx.get(server.url + "/ready")
+    assert ready.status_code == 200 and ready.json()["sample_rate"] == RATE
+    banner = server.stdout().splitlines()[0]
+    assert f"http://127.0.0.1:{server.port}" in banner and str(server.port) in banner
+
+
+def test_metrics_are_prometheus_text(client):
+    client.post("/tts", data=SHORT)
+    text = client.get("/metrics").text
+    for name in ("cosyvoice_requests_total", "cosyvoice_errors_total", "cosyvoice_first_chunk_seconds_bucket",
+                 "cosyvoice_rtf_bucket", "cosyvoice_queue_depth", "cosyvoice_active_generations",
+                 "cosyvoice_ready 1.0"):
+        assert name in text, name
+
+
+def test_access_log_is_json_lines(server, client):
+    client.get("/speakers_list")
+
+    def logged() -> bool:   # the line is written just after the response is sent
+        lines = [json.loads(line) for line in server.stdout().splitlines()[1:]]
+        return any(line["path"] == "/speakers_list" and line["status"] == 200 for line in lines)
+    assert wait_for(logged)
+
+
+def test_cors_only_for_the_configured_origin(server):
+    allowed = httpx.options(server.url + "/v1/audio/speech", headers={
+        "Origin": ALLOWED_ORIGIN, "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type"})
+    assert allowed.status_code == 200
+    assert allowed.headers["access-control-allow-origin"] == ALLOWED_ORIGIN
+    other = httpx.get(server.url + "/health", headers={"Origin": "http://other.example"})
+    assert "access-control-allow-origin" not in other.headers
+
+
+# ---- native -------------------------------------------------------------------------------------
+
+def test_native_tts_streams_pcm_in_several_chunks(client):
+    response, pieces = stream_pieces(client, "POST", "/tts", data={**STREAMING, "speaker": "alice"})
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "audio/pcm"
+    assert response.headers["x-sample-rate"] == str(RATE) and response.headers["x-sample-format"] == "s16le"
+    assert len(pieces) >= 2, "the audio should arrive in several pieces, as the model makes it"
+    samples, _ = decode("pcm", b"".join(pieces), streamed=True)
+    assert len(samples) > RATE and np.abs(samples).max() > 0
+
+
+def test_native_speakers_lists_voices(client):
+    assert {"name": "alice", "voice_id": "alice", "kind": "voice"} in client.get("/api/speakers").json()
+
+
+def test_identical_requests_are_answered_from_the_cache(client):
+    request = {**SHORT, "text": "Cache me."}
+    first = client.post("/tts", data=request)
+    second = client.post("/tts", data=request)
+    assert first.status_code == second.status_code == 200
+    assert second.headers["x-cache"] == "hit" and first.content == second.content
+
+
+# ---- voices -------------------------------------------------------------------------------------
+
+def test_voice_lifecycle_register_use_list_delete(server, client, fixture_dir):
+    prompt_wav, transcript = prompt_files(fixture_dir)
+    created = client.post("/api/voices", data={"name": "bob", "prompt_text": transcript},
+                          files={"audio": ("bob.wav", prompt_wav.read_bytes(), "audio/wav")})
+    assert created.status_code == 201, created.text
+    assert created.json()["name"] == "bob" and created.json()["prompt_text"] == transcript
+    assert (server.voices_dir / ".store" / "bob.voice").is_file()
+    assert "bob" in [v["name"] for v in client.get("/api/voices").json()]
+    assert "bob" in client.get("/speakers_list").json()
+    audio = client.get("/api/voices/bob/audio")
+    assert audio.status_code == 200 and sf.read(io.BytesIO(audio.content))[1] == 16000
+    spoken = client.post("/tts", data={**SHORT, "speaker": "bob", "format": "wav", "stream": "false"})
+    assert spoken.status_code == 200 and sf.read(io.BytesIO(spoken.content))[1] == RATE
+    again = client.post("/api/voices", data={"name": "bob"}, files={"audio": ("b.wav", prompt_wav.read_bytes())})
+    assert_json_error(again, 409)
+    assert client.delete("/api/voices/bob").json() == {"deleted": "bob"}
+    assert "bob" not in [v["name"] for v in client.get("/api/voices").json()]
+    assert not list((server.voices_dir / ".store").glob("bob.*"))
+
+
+def test_default_voice_answers_when_none_is_named(client):
+    # 'alice' is the only imported voice, so it is the default
+    for speaker in ("", "default"):
+        response = client.post("/tts", data={**SHORT, "speaker": speaker})
+        assert response.status_code == 200 and len(response.content) > 0
+
+
+# ---- every audio format, streamed and whole -----------------------------------------------------
+
+@pytest.mark.parametrize("stream", [True, False], ids=["streamed", "whole"])
+@pytest.mark.parametrize("fmt", ["wav", "pcm", "mp3", "opus", "flac", "aac"])
+def test_every_format_decodes_at_the_model_rate(client, fmt, stream):
+    response = client.post("/v1/audio/speech", json={
+        "model": "tts-1", "input": "Every format.", "voice": "alice", "response_format": fmt,
+        "stream": stream, "seed": 3})
+    assert response.status_code == 200, response.text
+    assert response.headers["x-audio-format"] == fmt and response.headers["x-sample-rate"] == str(RATE)
+    samples, rate = decode(fmt, response.content, stream)
+    assert rate == RATE
+    assert len(samples) > RATE * 0.1 and np.isfinite(samples).all()
+
+
+# ---- upstream CosyVoice -------------------------------------------------------------------------
+
+def upstream_pcm(response: httpx.Response) -> np.ndarray:
+    assert response.status_code == 200, response.text
+    assert response.headers["x-sample-rate"] == str(RATE)
+    samples, _ = decode("pcm", response.content, streamed=True)
+    assert len(samples) > 0
+    return samples
+
+
+def test_upstream_endpoints_with_uploaded_prompts(client, fixture_dir):
+    prompt_wav, transcript = prompt_files(fixture_dir)
+    upload = {"prompt_wav": ("prompt.wav", prompt_wav.read_bytes(), "audio/wav")}
+    base = {"tts_text": SHORT["text"], "seed": SHORT["seed"]}
+    upstream_pcm(client.post("/inference_zero_shot", data={**base, "prompt_text": transcript}, files=upload))
+    upstream_pcm(client.post("/inference_cross_lingual", data=base, files=upload))
+    upstream_pcm(client.post("/inference_instruct2", data={**base, "instruct_text": "Speak softly."},
+                             files=upload))
+
+
+def test_upstream_endpoints_with_a_registered_voice_by_get_and_post(client):
+    base = {"tts_text": SHORT["text"], "seed": SHORT["seed"], "spk_id": "alice"}
+    upstream_pcm(client.get("/inference_sft", params=base))
+    upstream_pcm(client.post("/inference_sft", data=base))
+    upstream_pcm(client.get("/inference_zero_shot", params=base))
+    upstream_pcm(client.get("/inference_cross_lingual", params=base))
+    upstream_pcm(client.get("/inference_instruct", params={**base, "instruct_text": "Speak softly."}))
+    upstream_pcm(client.get("/inference_instruct2", params={**base, "instruct_text": "Speak softly."}))
+
+
+# ---- xtts-api-server ----------------------------------------------------------------------------
+
+def test_xtts_speakers(server, client):
+    assert "alice" in client.get("/speakers_list").json()
+    speaker = next(s for s in client.get("/speakers").json() if s["name"] == "alice")
+    assert speaker["voice_id"] == "alice" and speaker["preview_url"].endswith("/api/voices/alice/audio")
+
+
+def test_xtts_tts_to_audio_returns_a_wav(client):
+    response = client.post("/tts_to_audio/", json={**SHORT, "speaker_wav": "alice.wav", "language": "en"})
+    assert response.status_code == 200 and response.headers["content-type"] == "audio/wav"
+    samples, rate = sf.read(io.BytesIO(response.content))
+    assert rate == RATE and len(samples) > 0
+
+
+def test_xtts_tts_stream_streams_a_wav(client):
+    response, pieces = stream_pieces(client, "GET", "/tts_stream", params={
+        **STREAMING, "speaker_wav": "alice", "language": "en"})
+    assert response.status_code == 200 and len(pieces) >= 2
+    samples, rate = sf.read(io.BytesIO(b"".join(pieces)))
+    assert rate == RATE and len(samples) > 0
+
+
+# ---- OpenAI -------------------------------------------------------------------------------------
+
+def test_openai_models_and_voices(client):
+    models = client.get("/v1/models").json()
+    assert models["object"] == "list" and "tts-1" in [m["id"] for m in models["data"]]
+    assert "alice" in client.get("/v1/audio/voices").json()["voices"]
+
+
+def test_openai_voice_names_mean_the_default_voice_and_instructions_work(client):
+    response = client.post("/v1/audio/speech", json={
+        "model": "tts-1", "input": SHORT["text"], "voice": "alloy", "response_format": "wav",
+        "instructions": "Speak slowly.", "seed": SHORT["seed"]})
+    assert response.status_code == 200, response.text
+    assert sf.read(io.BytesIO(response.content))[1] == RATE
+
+
+def test_openai_speed_changes_the_length(client):
+    def seconds(speed: float) -> float:
+        response = client.post("/v1/audio/speech", json={
+            "input": "Speed test.", "voice": "alice", "response_format": "pcm", "speed": speed, "seed": 4,
+            "stream": False})
+        assert response.status_code == 200, response.text
+        return len(response.content) / 2 / RATE
+    assert seconds(2.0) < seconds(1.0) * 0.7
+
+
+def test_api_key_is_accepted_as_bearer(server):
+    response = httpx.get(server.url + "/v1/models", headers={"Authorization": f"Bearer {API_KEY}"})
+    assert response.status_code == 200

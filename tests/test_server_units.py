@@ -1,0 +1,263 @@
+"""Server parts on their own, with a stand-in model: settings, audio encoding, voice store, engine."""
+from __future__ import annotations
+
+import asyncio
+import io
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from cosyvoice import InputError, Voice
+from cosyvoice.server.audio_encoding import available_formats, encode_whole, stream_encoder
+from cosyvoice.server.engine import Engine, Job
+from cosyvoice.server.errors import ApiError, Overloaded
+from cosyvoice.server.metrics import Metrics
+from cosyvoice.server.settings import Settings
+from cosyvoice.server.voices import VoiceStore, check_name
+
+from test_server_harness import REPO_ROOT, free_port, wav_bytes
+
+RATE = 24000
+
+
+class FakeModel:
+    """Stands in for cosyvoice.CosyVoice2: counts prepared voices, and makes `chunks` chunks of
+    0.1 s per request, waiting on `gate` before each one when it is given."""
+
+    sample_rate = RATE
+    speakers: dict = {}
+
+    def __init__(self, chunks: int = 5, gate: threading.Semaphore | None = None):
+        self.chunks, self.gate = chunks, gate
+        self.prepared = 0
+        self.produced = 0
+
+    def prepare_voice(self, samples, prompt_text="", sample_rate=None) -> Voice:
+        self.prepared += 1
+        return Voice(prompt_text, torch.zeros(1, len(prompt_text), dtype=torch.int32),
+                     torch.zeros(1, 4, dtype=torch.int32), torch.zeros(1, 8), torch.zeros(1, 8, 80))
+
+    def cross_lingual(self, text, voice=None, stream=True, speed=1.0, seed=None):
+        if not text.strip():
+            raise InputError("the text to speak is empty")
+
+        def chunks():
+            for _ in range(self.chunks):
+                if self.gate is not None:
+                    self.gate.acquire()
+                self.produced += 1
+                yield np.full(RATE // 10, 0.1, dtype=np.float32)
+        return chunks()
+
+
+def settings_for(tmp_path: Path, **overrides) -> Settings:
+    return Settings(model_dir=tmp_path, voices_dir=tmp_path / "voices", **overrides)
+
+
+def tone(seconds: float = 3.0, rate: int = 16000) -> np.ndarray:
+    return (0.3 * np.sin(np.arange(int(seconds * rate)) / rate * 2 * np.pi * 220)).astype(np.float32)
+
+
+# ---- settings -----------------------------------------------------------------------------------
+
+def test_settings_flags_override_environment_which_overrides_defaults():
+    env = {"COSYVOICE_MODEL_DIR": "/models/a", "COSYVOICE_PORT": "7000", "COSYVOICE_API_KEY": "secret"}
+    settings = Settings.from_args(["--port", "7001"], environ=env)
+    assert settings.model_dir == Path("/models/a") and settings.port == 7001
+    assert settings.api_key == "secret" and settings.host == "127.0.0.1" and settings.workers == 2
+
+
+@pytest.mark.parametrize("argv", [[], ["--model-dir", "m", "--device", "tpu"], ["--model-dir", "m", "--port", "0"],
+                                  ["--model-dir", "m", "--workers", "0"], ["--model-dir", "m", "--port", "x"]])
+def test_settings_refuse_unusable_values(argv):
+    with pytest.raises(SystemExit) as exit_info:
+        Settings.from_args(argv, environ={})
+    assert exit_info.value.code == 2
+
+
+def test_server_exits_with_status_1_when_the_model_cannot_load(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "server.py"), "--model-dir", str(tmp_path / "none"),
+                             "--port", str(free_port()), "--voices-dir", str(tmp_path / "voices")],
+                            capture_output=True, text=True, timeout=180)
+    assert result.returncode == 1
+    assert "could not be loaded" in result.stderr
+
+
+# ---- audio encoding -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt", available_formats())
+def test_streamed_and_whole_encodings_decode_to_the_same_length(fmt):
+    audio = tone(1.0, RATE)
+    encoder = stream_encoder(fmt, RATE)
+    streamed = b"".join(encoder.write(chunk) for chunk in np.array_split(audio, 4)) + encoder.close()
+    whole = encode_whole(fmt, audio, RATE)
+    for data in (streamed, whole):
+        if fmt == "pcm":
+            decoded, rate = np.frombuffer(data, "<i2"), RATE
+        else:
+            with av.open(io.BytesIO(data)) as container:
+                frames = list(container.decode(audio=0))
+            decoded = np.concatenate([f.to_ndarray().reshape(-1) for f in frames])
+            rate = frames[0].sample_rate
+        expected = RATE if fmt != "opus" else 48000      # FFmpeg decodes Opus at 48 kHz
+        assert rate == expected
+        # codecs pad up to a frame, and AAC/MP3 add encoder delay
+        assert len(audio) * expected / RATE <= len(decoded) <= (len(audio) + 4096) * expected / RATE
+
+
+def test_streamed_wav_has_an_open_ended_header_that_soundfile_reads():
+    encoder = stream_encoder("wav", RATE)
+    data = encoder.write(tone(0.5, RATE)) + encoder.close()
+    assert data[4:8] == b"\xff\xff\xff\xff" and data[40:44] == b"\xff\xff\xff\xff"
+    samples, rate = sf.read(io.BytesIO(data))
+    assert rate == RATE and len(samples) == RATE // 2
+
+
+def test_unknown_format_is_a_400():
+    with pytest.raises(ApiError) as error:
+        stream_encoder("wma", RATE)
+    assert error.value.status == 400 and "mp3" in error.value.message
+
+
+# ---- voice store --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["", " x", "../x", "a/b", "a\\b", ".hidden", "[x]", "a\x00b", "x" * 65, "c:d"])
+def test_bad_voice_names_are_refused(name):
+    with pytest.raises(ApiError) as error:
+        check_name(name)
+    assert error.value.status == 400
+
+
+@pytest.mark.parametrize("name", ["alice", "中文女", "Voice 2", "a-b_c.d"])
+def test_good_voice_names(name):
+    assert check_name(name) == name
+
+
+def test_voices_are_imported_once_and_loaded_after_a_restart(tmp_path):
+    folder = tmp_path / "voices"
+    folder.mkdir()
+    sf.write(folder / "[alice]Hello there..wav", tone(), 16000)
+    sf.write(folder / "[.hidden]x.wav", tone(), 16000)
+    (folder / "[broken]x.wav").write_bytes(b"not audio")
+    (folder / "notes.txt").write_text("not a voice")
+    model = FakeModel()
+    counts = VoiceStore(folder).open(model)
+    assert counts == {"loaded": 0, "prepared": 1, "skipped": 1} and model.prepared == 1
+
+    store = VoiceStore(folder)
+    store.register(model, "bob", "Bob here.", wav_bytes(tone(), 16000))
+    restarted, fresh_model = VoiceStore(folder), FakeModel()
+    assert restarted.open(fresh_model)["loaded"] == 2 and fresh_model.prepared == 0
+    assert [info.name for info in restarted.list()] == ["alice", "bob"]
+    assert restarted.get("alice").info.prompt_text == "Hello there."
+
+    sf.write(folder / "[alice]Hello there..wav", tone(2.5), 16000)   # the file changed
+    changed_model = FakeModel()
+    VoiceStore(folder).open(changed_model)
+    assert changed_model.prepared == 1
+
+
+def test_default_voice_and_delete(tmp_path):
+    folder = tmp_path / "voices"
+    folder.mkdir()
+    model, store = FakeModel(), VoiceStore(folder, default_name="carol")
+    store.open(model)
+    with pytest.raises(ApiError, match="no voice is registered"):
+        store.resolve(None)
+    store.register(model, "bob", "", wav_bytes(tone(), 16000))
+    store.register(model, "carol", "", wav_bytes(tone(), 16000))
+    assert store.resolve(None).info.name == "carol" and store.resolve("default").info.name == "carol"
+    store.delete("carol")
+    assert store.resolve(None).info.name == "bob"          # the first registered
+    assert not list((folder / ".store").glob("carol.*"))
+    with pytest.raises(ApiError) as error:
+        store.delete("carol")
+    assert error.value.status == 404
+
+
+def test_silent_prompt_is_refused(tmp_path):
+    store = VoiceStore(tmp_path)
+    with pytest.raises(InputError, match="silent"):
+        store.register(FakeModel(), "quiet", "", wav_bytes(np.zeros(48000, dtype=np.float32), 16000))
+
+
+# ---- engine -------------------------------------------------------------------------------------
+
+def ready_engine(tmp_path: Path, model: FakeModel, **overrides) -> Engine:
+    engine = Engine(settings_for(tmp_path, **overrides), Metrics(), VoiceStore(tmp_path / "voices"), tts=model)
+    engine.state = "ready"
+    return engine
+
+
+def sample(engine: Engine, name: str) -> float:
+    return engine.metrics.registry.get_sample_value(name)
+
+
+def job(text: str = "Hello.", key=None) -> Job:
+    return Job("cross_lingual", text, voice=None, cache_key=key)
+
+
+def test_a_closed_generation_stops_within_one_chunk(tmp_path):
+    gate = threading.Semaphore(0)
+    model = FakeModel(chunks=50, gate=gate)
+    engine = ready_engine(tmp_path, model)
+
+    async def scenario() -> list:
+        gate.release()                                       # let the first chunk through
+        generation = await engine.start(job())
+        chunks = generation.chunks()
+        await chunks.__anext__()
+        pending = asyncio.ensure_future(chunks.__anext__())  # chunk 2 waits at the gate...
+        await asyncio.sleep(0.1)
+        generation.close()                                   # ...when the client leaves
+        for _ in range(10):
+            gate.release()
+        await pending
+        return [chunk async for chunk in chunks]
+    assert asyncio.run(scenario()) == []
+    assert model.produced == 2
+    assert sample(engine, "cosyvoice_cancelled_generations_total") == 1
+    assert sample(engine, "cosyvoice_active_generations") == 0
+
+
+def test_full_queue_answers_503_and_bad_input_400(tmp_path):
+    gate = threading.Semaphore(0)
+    engine = ready_engine(tmp_path, FakeModel(gate=gate), workers=1, max_queue=1, retry_after_s=3)
+
+    async def scenario() -> None:
+        first = asyncio.ensure_future(engine.start(job()))
+        second = asyncio.ensure_future(engine.start(job()))
+        await asyncio.sleep(0.1)
+        with pytest.raises(Overloaded) as refused:
+            await engine.start(job())
+        assert refused.value.status == 503 and refused.value.headers == {"Retry-After": "3"}
+        for _ in range(20):
+            gate.release()
+        for pending in (first, second):
+            generation = await pending
+            assert len([chunk async for chunk in generation.chunks()]) == 5
+        with pytest.raises(InputError):
+            await engine.start(job(text=" "))
+    asyncio.run(scenario())
+    assert sample(engine, "cosyvoice_queue_depth") == 0 and sample(engine, "cosyvoice_active_generations") == 0
+
+
+def test_repeated_requests_come_from_the_cache(tmp_path):
+    model = FakeModel(chunks=3)
+    engine = ready_engine(tmp_path, model)
+
+    async def speak() -> tuple[list[np.ndarray], bool]:
+        generation = await engine.start(job(key=("same",)))
+        return [chunk async for chunk in generation.chunks()], generation.from_cache
+
+    first, first_cached = asyncio.run(speak())
+    again, again_cached = asyncio.run(speak())
+    assert (first_cached, again_cached) == (False, True) and model.produced == 3
+    assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
