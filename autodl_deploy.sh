@@ -258,9 +258,19 @@ run_step() {
 
 # --- paths and bundles -------------------------------------------------------------------------
 
+# A path as given, made absolute against the directory the script was started in (the server
+# and later steps run elsewhere, so relative paths would point somewhere else).
+absolute() {
+    case "$1" in
+        /*) printf '%s' "$1" ;;
+        *) printf '%s/%s' "$PWD" "${1#./}" ;;
+    esac
+}
+
 setup_paths() {
-    INSTALL_DIR="${INSTALL_DIR:-$DATA_DIR/cosyvoice}"
-    BUNDLE_DIR="${BUNDLE_DIR:-$DATA_DIR}"
+    DATA_DIR="$(absolute "$DATA_DIR")"
+    INSTALL_DIR="$(absolute "${INSTALL_DIR:-$DATA_DIR/cosyvoice}")"
+    BUNDLE_DIR="$(absolute "${BUNDLE_DIR:-$DATA_DIR}")"
     STATE_DIR="$INSTALL_DIR/.state"
     RUN_DIR="$INSTALL_DIR/run"
     LOG_DIR="$INSTALL_DIR/logs"
