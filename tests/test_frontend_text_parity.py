@@ -89,3 +89,7 @@ def test_split_paragraph_merges_short_pieces_and_tails():
     assert all(10 < len(s) <= 20 for s in segments)
     assert split_paragraph("长的句子在这里。短。", len, "zh", merge_len=5) == ["长的句子在这里。短。"]
     assert split_paragraph('He said "hi." Then left', len, "en", max_len=10, min_len=5, merge_len=1) == ['He said "hi."', " Then left."]
+
+
+def test_text_wetext_cannot_parse_is_spoken_as_written(normalizer):
+    assert normalizer.split("I have ²3 cats") == ["I have ²three cats."]

@@ -12,11 +12,14 @@ and text made only of punctuation give no segments.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Callable
 
 import regex
+
+log = logging.getLogger("cosyvoice.frontend")
 
 ZH_SENTENCE_MARKS = "。？！；：、.?!;"
 EN_SENTENCE_MARKS = ".?!;:"
@@ -116,9 +119,7 @@ class TextNormalizer:
             from wetext import Normalizer
 
             self.wetext = Normalizer(lang="auto", operator="tn", remove_erhua=False)
-            import inflect
-
-            self._inflect = inflect.engine()
+        self._inflect = None   # loaded on first use: importing inflect takes seconds
 
     @staticmethod
     def _load_ttsfrd(resource_dir: Path | None) -> TtsFrdNormalizer | None:
@@ -164,8 +165,17 @@ class TextNormalizer:
     def _passthrough(text: str) -> bool:
         return "<|" in text and "|>" in text
 
+    def _wetext(self, text: str) -> str:
+        """wetext's normalisation, or the text unchanged where wetext's parser gives up (it fails
+        an internal assertion on some symbol/digit mixes, e.g. "²3")."""
+        try:
+            return self.wetext.normalize(text)
+        except AssertionError:
+            log.warning("wetext could not normalise %r; using it as written", text[:80])
+            return text
+
     def _clean_zh(self, text: str) -> str:
-        text = self.wetext.normalize(text)
+        text = self._wetext(text)
         text = remove_blanks(text.replace("\n", ""))
         text = text.replace("²", "平方").replace("³", "立方")
         text = text.replace(".", "。").replace(" - ", "，")
@@ -173,4 +183,11 @@ class TextNormalizer:
         return _TRAILING_COMMAS.sub("。", text)
 
     def _clean_en(self, text: str) -> str:
-        return spell_out_numbers(self.wetext.normalize(text), self._inflect.number_to_words)
+        text = self._wetext(text)
+        if not _DIGIT_RUN.search(text):   # wetext usually spells numbers out already
+            return text
+        if self._inflect is None:
+            import inflect
+
+            self._inflect = inflect.engine()
+        return spell_out_numbers(text, self._inflect.number_to_words)
