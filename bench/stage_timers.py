@@ -1,0 +1,71 @@
+"""Instruments for the in-process profiler: a sampler that forces the number of speech tokens,
+and a wrapper that times every `inference` call of a model stage.
+
+Random weights almost never draw a stop token, so a run would go on to the length limit;
+`ForcedLength` draws with the model's own sampler among speech tokens only and stops after
+exactly N tokens, so the work per run is fixed and comparable.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+
+
+def synchronize(device: torch.device) -> None:
+    """Waits for queued GPU work, so a timer read afterwards covers it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class ForcedLength:
+    """A sampling function (logp [V], decoded, generator=) -> token that never stops before
+    `tokens` tokens and always stops there."""
+
+    def __init__(self, sample: Callable[..., int], tokens: int, speech_token_size: int):
+        self.sample = sample
+        self.tokens = tokens
+        self.speech_token_size = speech_token_size   # ids from here on are stop tokens (EOS first)
+
+    def __call__(self, logp: torch.Tensor, decoded: list[int],
+                 generator: torch.Generator | None = None) -> int:
+        if len(decoded) >= self.tokens:
+            return self.speech_token_size
+        speech_only = logp.clone()
+        speech_only[self.speech_token_size:] = -float("inf")
+        return self.sample(speech_only, decoded, generator=generator)
+
+
+class TimedStage:
+    """Stands in for a flow or vocoder module: every `inference` call is timed (with the GPU
+    synchronised) and recorded as {size_name: size, "ms": ...}; other attributes pass through."""
+
+    def __init__(self, stage, device: torch.device, size_name: str, size_of: Callable[..., int]):
+        self._stage = stage
+        self._device = device
+        self._size_name = size_name
+        self._size_of = size_of
+        self.calls: list[dict] = []
+
+    def __getattr__(self, name: str):
+        return getattr(self._stage, name)
+
+    def inference(self, *args, **kwargs):
+        synchronize(self._device)
+        started = time.perf_counter()
+        result = self._stage.inference(*args, **kwargs)
+        synchronize(self._device)
+        self.calls.append({self._size_name: self._size_of(*args),
+                           "ms": round((time.perf_counter() - started) * 1000, 2)})
+        return result
+
+
+def flow_tokens(token: torch.Tensor, *_args) -> int:
+    """Speech tokens a flow call renders (all tokens so far: the flow recomputes the prefix)."""
+    return int(token.shape[1])
+
+
+def vocoder_frames(mel: torch.Tensor, *_args) -> int:
+    """Mel frames a vocoder call renders (new frames plus the cached overlap)."""
+    return int(mel.shape[2])
