@@ -1,7 +1,7 @@
 """Continuous batching of the speech LLM across concurrent requests.
 
-One scheduler thread owns the model. Each loop iteration it admits waiting requests (one prefill
-each, into a free cache slot), then advances every active request by one token in a single
+One scheduler thread owns the model. Each loop iteration it admits waiting requests into free
+cache slots (their prompts prefilled together in one padded pass), then advances every active request by one token in a single
 batched forward pass. Requests join and leave between steps, so a new request never waits for
 the others to finish, and N concurrent streams cost about one forward pass per token instead of N.
 
@@ -106,26 +106,42 @@ class BatchedLLM:
                     self._guarded(self._active, self._step)
 
     def _admit(self, block: bool) -> None:
-        """Prefills waiting requests into free slots (waits for one when nothing is active)."""
+        """Moves waiting requests into free slots and prefills them together (waits for one
+        when nothing is active)."""
+        admitted = []
         while self._free_slots:
             try:
                 request = self._waiting.get(block=block)
             except queue.Empty:
-                return
+                break
             block = False
             if request.cancelled.is_set():
                 continue
             request.slot = self._free_slots.pop()
             self._active.append(request)
-            self._guarded([request], lambda batch: self._prefill(batch[0]))
+            admitted.append(request)
+        if admitted:
+            self._guarded(admitted, self._prefill)
 
-    def _prefill(self, request: _Request) -> None:
-        steps = request.prompt.shape[1]
+    def _prefill(self, batch: list[_Request]) -> None:
+        """Runs prompts of different lengths in one pass, right-padded to the longest.
+
+        A shorter prompt's padding writes junk into its own slot past its prompt; decoding
+        overwrites each of those positions just before the first query that could see it.
+        """
+        lengths = [r.prompt.shape[1] for r in batch]
         device = self._cache.keys.device
-        hidden = forward_slots(self.body, request.prompt, torch.arange(steps, device=device)[None],
-                               torch.tensor([request.slot], device=device), self._cache)
-        request.position = steps
-        self._take_token(request, self.llm._log_probs(hidden[0, -1]))
+        inputs = torch.zeros(len(batch), max(lengths), batch[0].prompt.shape[2],
+                             device=device, dtype=batch[0].prompt.dtype)             # [B, T, H]
+        for row, request in enumerate(batch):
+            inputs[row, :lengths[row]] = request.prompt[0]
+        positions = torch.arange(max(lengths), device=device)[None].expand(len(batch), -1)
+        slots = torch.tensor([r.slot for r in batch], device=device)
+        hidden = forward_slots(self.body, inputs, positions, slots, self._cache)      # [B, T, H]
+        last = hidden[torch.arange(len(batch), device=device), torch.tensor(lengths, device=device) - 1]
+        for request, length, logp in zip(batch, lengths, self.llm._log_probs(last)):
+            request.position = length
+            self._take_token(request, logp)
 
     def _step(self, batch: list[_Request]) -> None:
         device = self._cache.keys.device

@@ -9,6 +9,7 @@ import torch
 from cosyvoice.batching import BatchedLLM
 from cosyvoice.errors import InputError
 from cosyvoice.loader import load_stage
+from cosyvoice.models.qwen_slots import SlotKVCache, forward_slots
 from cosyvoice.models.sampling import greedy_sampling
 
 LAYOUTS = ["zero_shot", "cross_lingual", "instruct2"]
@@ -86,3 +87,31 @@ def test_too_long_for_the_cache_is_an_input_error(llm, reference):
     batched = BatchedLLM(llm, max_batch=1, max_len=64)
     with pytest.raises(InputError, match="LLM positions"):
         batched.generate(*_inputs(ref, "zero_shot"))
+
+
+def test_padded_prefill_then_batched_decode_matches_the_reference(llm, reference):
+    """Prompts of different lengths prefilled in one right-padded pass, then decoded together:
+    the padding junk left in shorter slots is overwritten before any query can see it."""
+    ref = reference("llm")
+    with torch.inference_mode():
+        prompts = [llm.prompt_embeddings(*_inputs(ref, layout)) for layout in LAYOUTS]
+        lengths = torch.tensor([p.shape[1] for p in prompts])
+        padded = torch.zeros(len(prompts), int(lengths.max()), prompts[0].shape[2])
+        for row, prompt in enumerate(prompts):
+            padded[row, :prompt.shape[1]] = prompt[0]
+        body = llm.llm.model.model
+        cache = SlotKVCache(body, slots=len(prompts), max_len=512)
+        slots = torch.arange(len(prompts))
+        positions = torch.arange(padded.shape[1])[None].expand(len(prompts), -1)
+        hidden = forward_slots(body, padded, positions, slots, cache)[slots, lengths - 1]
+        decoded = [[] for _ in prompts]
+        for step in range(12):
+            logp = llm._log_probs(hidden)
+            logp[:, llm.eos_token] = -float("inf")   # within every layout's minimum length
+            tokens = logp.argmax(dim=-1)
+            for row, token in enumerate(tokens.tolist()):
+                decoded[row].append(token)
+            inputs = llm.speech_embedding(tokens)[:, None]
+            hidden = forward_slots(body, inputs, (lengths + step)[:, None], slots, cache)[:, 0]
+    for layout, tokens in zip(LAYOUTS, decoded):
+        assert tokens == ref[f"{layout}_greedy_tokens"][:12].tolist(), layout
