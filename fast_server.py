@@ -119,16 +119,10 @@ def with_default_device(argv: list[str], backend: str) -> list[str]:
 
 
 def serve(launch: argparse.Namespace, server_argv: list[str]) -> int:
-    import uvicorn
-
-    from cosyvoice.server import Settings, create_app
-    from cosyvoice.server.engine import Engine
-    from cosyvoice.server.logs import configure_logging
-    from cosyvoice.server.metrics import Metrics
-    from cosyvoice.server.voices import VoiceStore
+    from cosyvoice.server import Settings
+    from cosyvoice.server.launch import run_server
 
     settings = Settings.from_args(with_default_device(server_argv, launch.llm_backend))
-    configure_logging(settings.log_level)
     llm_backend = "torch"
     if launch.llm_backend == "trtllm":
         from cosyvoice.backends.engine_cache import BuildLimits
@@ -136,30 +130,10 @@ def serve(launch: argparse.Namespace, server_argv: list[str]) -> int:
         llm_backend = TrtLlmFactory(limits=BuildLimits.for_server(settings.workers, settings.max_text_chars),
                                     cache_dir=launch.trtllm_cache, dtype=launch.trtllm_dtype,
                                     kv_cache_fraction=launch.trtllm_kv_fraction)
-    engine = Engine(settings, Metrics(), VoiceStore(settings.voices_dir, settings.default_voice),
-                    llm_backend=llm_backend)
-    app = create_app(settings, engine)
-    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port,
-                                           access_log=False, log_level=settings.log_level))
-    failed = []
-
-    def stop(error: BaseException) -> None:
-        failed.append(error)
-        server.should_exit = True
-
     # mpirun ends its job within a second of SIGTERM/SIGINT, but forwards SIGUSR1 and waits: that
     # is the graceful stop (kill -USR1 <pid of mpirun, i.e. of the launched fast_server.py>).
-    signal.signal(signal.SIGUSR1, lambda signum, frame: setattr(server, "should_exit", True))
-    engine.start_loading(on_failure=stop)
-    shown_host = "127.0.0.1" if settings.host == "0.0.0.0" else settings.host
-    print(f"CosyVoice2 fast server on http://{shown_host}:{settings.port} (bound to {settings.host}); "
-          f"LLM backend {launch.llm_backend}; model {settings.model_dir} loading on {settings.device}; "
-          f"ready when GET /ready answers 200", flush=True)
-    server.run()
-    if failed:
-        print(f"error: the model could not be loaded: {failed[0]}", file=sys.stderr, flush=True)
-        return 1
-    return 0
+    return run_server(settings, llm_backend, title="CosyVoice2 fast server",
+                      graceful_stop_signal=signal.SIGUSR1)
 
 
 def main(argv: list[str] | None = None) -> int:
