@@ -42,6 +42,22 @@ def reference(fixture_dir):
     return load
 
 
+@pytest.fixture(scope="session")
+def server(model_dir, fixture_dir):
+    """One real `server.py` on 127.0.0.1 for the HTTP tests (see server_harness.py)."""
+    from server_harness import run_test_server
+
+    with run_test_server(model_dir, fixture_dir) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    """An httpx client of the shared server, with its API key."""
+    with server.client() as http:
+        yield http
+
+
 def report_error(stage: str, actual, expected) -> tuple[float, float]:
     """Prints and returns the max absolute and max relative error of one comparison."""
     actual = np.asarray(actual, dtype=np.float64)

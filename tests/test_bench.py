@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_server_harness import API_KEY, REPO_ROOT, prompt_files, shared_server
+from server_harness import API_KEY, REPO_ROOT, prompt_files
 
 sys.path.insert(0, str(REPO_ROOT))   # `bench` is not installed: import it from the checkout
 from bench.llm_concurrency import steady_decode_rate  # noqa: E402
@@ -53,11 +53,6 @@ def check_levels(report: dict, concurrency: list[int]) -> None:
             assert 0 < level[key]["p50"] <= level[key]["p99"] <= level[key]["max"]
         assert level["first_chunk_ms"]["max"] <= level["total_ms"]["max"]
         assert level["audio_s_total"] > 0 and level["throughput_audio_s_per_s"] > 0
-
-
-@pytest.fixture(scope="module")
-def server(request, model_dir, fixture_dir):
-    return shared_server(request, model_dir, fixture_dir)
 
 
 def test_load_sweep_against_a_running_server(server, model_dir, tmp_path):

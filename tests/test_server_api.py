@@ -10,23 +10,12 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from test_server_harness import (ALLOWED_ORIGIN, API_KEY, SHORT, assert_json_error, prompt_files,
-                                 shared_server, wait_for)
+from server_harness import (ALLOWED_ORIGIN, API_KEY, SHORT, assert_json_error, prompt_files,
+                                 wait_for)
 
 RATE = 24000
 # zero_shot in 'alice' with this seed gives three model chunks (about 3.7 s of audio)
 STREAMING = {"text": "One two three four five six.", "seed": 3}
-
-
-@pytest.fixture(scope="module")
-def server(request, model_dir, fixture_dir):
-    return shared_server(request, model_dir, fixture_dir)
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with server.client() as client:
-        yield client
 
 
 def decode(fmt: str, data: bytes, streamed: bool) -> tuple[np.ndarray, int]:

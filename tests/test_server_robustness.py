@@ -8,23 +8,12 @@ import httpx
 import numpy as np
 import pytest
 
-from test_server_harness import (MAX_QUEUE, MAX_TEXT_CHARS, MAX_UPLOAD_MB, SHORT, WORKERS,
-                                 assert_json_error, prompt_files, shared_server, wait_for, wav_bytes)
+from server_harness import (MAX_QUEUE, MAX_TEXT_CHARS, MAX_UPLOAD_MB, SHORT, WORKERS,
+                                 assert_json_error, prompt_files, wait_for, wav_bytes)
 
 # zero_shot in 'alice' with this seed runs long (many chunks): time enough to walk away mid-stream
 LONG = {"text": "This sentence is long enough to keep the model busy for a good while, chunk after "
                 "chunk, so that a client can hang up in the middle of it.", "seed": 5}
-
-
-@pytest.fixture(scope="module")
-def server(request, model_dir, fixture_dir):
-    return shared_server(request, model_dir, fixture_dir)
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with server.client() as client:
-        yield client
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from cosyvoice.server.metrics import Metrics
 from cosyvoice.server.settings import Settings
 from cosyvoice.server.voices import VoiceStore, check_name
 
-from test_server_harness import REPO_ROOT, free_port, wav_bytes
+from server_harness import REPO_ROOT, free_port, wav_bytes
 
 RATE = 24000
 

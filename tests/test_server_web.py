@@ -6,18 +6,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from test_server_harness import API_KEY, prompt_files, shared_server
+from server_harness import API_KEY, prompt_files
 
 CHROMIUM = Path("/usr/bin/chromium")
 sync_api = pytest.importorskip("playwright.sync_api", reason="the browser test needs playwright (pip)")
 if not CHROMIUM.is_file():
     pytest.skip(f"the browser test needs Chromium at {CHROMIUM} (apt-get install chromium)",
                 allow_module_level=True)
-
-
-@pytest.fixture(scope="module")
-def server(request, model_dir, fixture_dir):
-    return shared_server(request, model_dir, fixture_dir)
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ with a sentence that can be shown to the user as is.
 """
 from __future__ import annotations
 
+import functools
 import io
 import math
 from pathlib import Path
@@ -99,6 +100,7 @@ def resample(samples: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
     return out[: math.ceil(new * audio.numel() / orig)].numpy()
 
 
+@functools.lru_cache(maxsize=16)   # a server sees the same few rate pairs again and again
 def _sinc_kernels(orig: int, new: int) -> tuple[torch.Tensor, int]:
     """One low-pass kernel per output phase, [new, 1, 2 * half_width + orig], and half_width."""
     cutoff = min(orig, new) * SINC_ROLLOFF          # in units of the reduced rates

@@ -79,7 +79,22 @@ class WavStreamEncoder(PcmEncoder):
         super().__init__(wav_header(sample_rate))
 
 
-class SoundfileEncoder:
+class GrowingBuffer:
+    """An in-memory file that an encoder appends to; `_take()` returns what was added since the
+    last call, copying only the new bytes (a stream can run for minutes)."""
+
+    def __init__(self):
+        self._buffer = io.BytesIO()
+        self._sent = 0
+
+    def _take(self) -> bytes:
+        with self._buffer.getbuffer() as view:
+            data = bytes(view[self._sent:])
+        self._sent += len(data)
+        return data
+
+
+class SoundfileEncoder(GrowingBuffer):
     """libsndfile writes into a BytesIO; each call returns the bytes added since the last one.
 
     The buffer keeps the whole stream, because libsndfile seeks back to finish the header on close
@@ -87,11 +102,10 @@ class SoundfileEncoder:
     """
 
     def __init__(self, sample_rate: int, name: str):
+        super().__init__()
         container, subtype, options = SOUNDFILE_FORMATS[name]
-        self._buffer = io.BytesIO()
         self._file = sf.SoundFile(self._buffer, "w", sample_rate, 1, subtype=subtype,
                                   format=container, **options)
-        self._sent = 0
 
     def write(self, samples: np.ndarray) -> bytes:
         self._file.write(samples)
@@ -101,29 +115,24 @@ class SoundfileEncoder:
         self._file.close()
         return self._take()
 
-    def _take(self) -> bytes:
-        data = self._buffer.getvalue()[self._sent:]
-        self._sent += len(data)
-        return data
 
     def contents(self) -> bytes:
         """Everything written, with the header as finished by close()."""
         return self._buffer.getvalue()
 
 
-class AacEncoder:
+class AacEncoder(GrowingBuffer):
     """AAC in ADTS frames through PyAV (FFmpeg's native encoder)."""
 
     def __init__(self, sample_rate: int):
         import av   # optional dependency: only this format needs it
 
+        super().__init__()
         self._av = av
         self._sample_rate = sample_rate
-        self._buffer = io.BytesIO()
         self._container = av.open(self._buffer, "w", format="adts")
         self._stream = self._container.add_stream("aac", rate=sample_rate)
         self._stream.layout = "mono"
-        self._sent = 0
 
     def write(self, samples: np.ndarray) -> bytes:
         frame = self._av.AudioFrame.from_ndarray(np.ascontiguousarray(samples, dtype=np.float32)[None, :],
@@ -138,11 +147,6 @@ class AacEncoder:
             self._container.mux(packet)
         self._container.close()
         return self._take()
-
-    def _take(self) -> bytes:
-        data = self._buffer.getvalue()[self._sent:]
-        self._sent += len(data)
-        return data
 
 
 def stream_encoder(name: str, sample_rate: int):

@@ -1,7 +1,7 @@
 """A real server for the server tests: `python server.py` in a subprocess on 127.0.0.1.
 
-One server is shared by the test_server_* modules (started on first use, stopped when the test
-session ends). It has an API key, a small queue (2 workers + 4 waiting) so 503 is reachable, the
+One server is shared by the test_server_* modules (the session fixture `server` in conftest.py
+starts it on first use and stops it when the test session ends). It has an API key, a small queue (2 workers + 4 waiting) so 503 is reachable, the
 response cache, CORS for one origin, and a voice folder with one imported voice, 'alice'.
 """
 from __future__ import annotations
@@ -13,11 +13,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import httpx
 import numpy as np
-import pytest
 import soundfile as sf
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -28,9 +29,6 @@ MAX_UPLOAD_MB = 24
 WORKERS, MAX_QUEUE = 2, 4
 SHORT = {"text": "Hi.", "seed": 3}           # about 0.3 s of audio from the tiny model
 START_TIMEOUT_S = 240
-
-_shared: "ServerProcess | None" = None
-
 
 def free_port() -> int:
     with socket.socket() as probe:
@@ -105,25 +103,22 @@ def prompt_files(fixture_dir: Path) -> tuple[Path, str]:
     return reference / "prompt.wav", (reference / "prompt.txt").read_text(encoding="utf-8").strip()
 
 
-def shared_server(request: pytest.FixtureRequest, model_dir: Path, fixture_dir: Path) -> ServerProcess:
-    """The one server of this test session (started on first use)."""
-    global _shared
-    if _shared is None:
-        voices_dir = Path(tempfile.mkdtemp(prefix="cosyvoice-voices-"))
-        prompt_wav, transcript = prompt_files(fixture_dir)
-        shutil.copy(prompt_wav, voices_dir / f"[alice]{transcript}.wav")
-        server = ServerProcess(model_dir, voices_dir, "--api-key", API_KEY, "--workers", str(WORKERS),
-                               "--max-queue", str(MAX_QUEUE), "--cache-mb", "16",
-                               "--cors-origins", ALLOWED_ORIGIN, "--max-text-chars", str(MAX_TEXT_CHARS),
-                               "--max-upload-mb", str(MAX_UPLOAD_MB), "--retry-after-s", "1")
-
-        def stop() -> None:
-            server.stop()
-            shutil.rmtree(voices_dir, ignore_errors=True)
-        request.config.add_cleanup(stop)
+@contextmanager
+def run_test_server(model_dir: Path, fixture_dir: Path) -> Iterator[ServerProcess]:
+    """The server the tests share, ready, with one imported voice; stopped on exit."""
+    voices_dir = Path(tempfile.mkdtemp(prefix="cosyvoice-voices-"))
+    prompt_wav, transcript = prompt_files(fixture_dir)
+    shutil.copy(prompt_wav, voices_dir / f"[alice]{transcript}.wav")
+    server = ServerProcess(model_dir, voices_dir, "--api-key", API_KEY, "--workers", str(WORKERS),
+                           "--max-queue", str(MAX_QUEUE), "--cache-mb", "16",
+                           "--cors-origins", ALLOWED_ORIGIN, "--max-text-chars", str(MAX_TEXT_CHARS),
+                           "--max-upload-mb", str(MAX_UPLOAD_MB), "--retry-after-s", "1")
+    try:
         server.wait_ready()
-        _shared = server
-    return _shared
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(voices_dir, ignore_errors=True)
 
 
 def wait_for(condition, timeout_s: float = 60.0) -> bool:
