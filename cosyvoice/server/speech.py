@@ -46,7 +46,12 @@ def job_for_voice(engine: Engine, text: str, voice_name: str | None, *, instruct
     speed = check_speed(speed)
     if instruct:
         check_text(instruct, settings.max_text_chars, "instruction")
-    if voice_name and voice_name in engine.tts.speakers and voice_name not in _stored_names(engine):
+    stored_names = _stored_names(engine)
+    if voice_name and voice_name != "default" and voice_name not in stored_names \
+            and voice_name not in engine.tts.speakers:
+        known = ", ".join(sorted(stored_names) + sorted(engine.tts.speakers)) or "none registered"
+        raise ApiError(400, f"unknown voice '{voice_name}'; available: {known}")
+    if voice_name and voice_name in engine.tts.speakers and voice_name not in stored_names:
         if instruct or mode not in (None, "sft"):
             raise ApiError(400, f"'{voice_name}' is a built-in speaker; it supports plain (sft) speech only")
         return _job("sft", text, None, f"speaker:{voice_name}", speed, seed, stream, speaker=voice_name)
