@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from .errors import InputError
+from .flow_batching import BatchedFlowDecoder
 from .frontend.audio import load_audio
 from .frontend.speech_models import PromptFeatureExtractor
 from .frontend.text import TextNormalizer
@@ -49,12 +50,13 @@ class CosyVoice2:
     """One loaded model; safe to use from several threads at once.
 
     `llm_backend` runs the LLM stage: "torch" (our SpeechLM), "trtllm" (TensorRT-LLM, see
-    cosyvoice.backends) or a factory (model_dir, device, dtype) -> backend.
+    cosyvoice.backends) or a factory (model_dir, device, dtype) -> backend. `flow_batch` is how
+    many concurrent requests' flow decoder calls may run as one batch (1: each runs alone).
     """
 
     def __init__(self, model_dir: str | Path, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, ttsfrd_resource: str | Path | None = None,
-                 llm_backend: str | BackendFactory = "torch"):
+                 llm_backend: str | BackendFactory = "torch", flow_batch: int = 8):
         self.model_dir = check_model_dir(model_dir)
         self.device = torch.device(device)
         make_llm = backend_factory(llm_backend)
@@ -70,7 +72,11 @@ class CosyVoice2:
         self._normalizer_lock = threading.Lock()   # FST normalisers are not thread-safe
         self.prompt_features = PromptFeatureExtractor(self.model_dir, self.settings.mel,
                                                       self.settings.token_mel_ratio, str(self.device))
-        self.synthesizer = Synthesizer(llm, flow, hift, token_hop=self.settings.chunk_size)
+        if flow_batch < 1:
+            raise ValueError(f"flow_batch must be at least 1, got {flow_batch}")
+        flow_decoder = BatchedFlowDecoder(flow.decoder, flow_batch) if flow_batch > 1 else flow.decoder
+        self.synthesizer = Synthesizer(llm, flow, hift, token_hop=self.settings.chunk_size,
+                                       flow_decoder=flow_decoder)
         self._n_mels = flow.output_size
         self.speakers = self._load_speakers(self.model_dir / SPEAKERS_FILE)
 

@@ -63,8 +63,11 @@ class StreamState:
 class Synthesizer:
     """Runs the three stages for one utterance; stateless, so one instance serves all threads."""
 
-    def __init__(self, llm, flow, hift, token_hop: int):
+    def __init__(self, llm, flow, hift, token_hop: int, flow_decoder: Callable[..., torch.Tensor] | None = None):
+        """`flow_decoder` runs the flow's decoder (default: `flow.decoder` itself; a
+        `BatchedFlowDecoder` batches it across concurrent requests)."""
         self.llm, self.flow, self.hift = llm, flow, hift
+        self.flow_decoder = flow_decoder
         self.token_hop = token_hop
         self.mel_ratio = flow.token_mel_ratio
         self.lookahead = flow.pre_lookahead_len
@@ -130,8 +133,8 @@ class Synthesizer:
         token_tensor = torch.tensor([tokens], dtype=torch.int32, device=device)
         mel = self.flow.inference(token_tensor, request.flow_prompt_tokens.to(device),
                                   request.prompt_feat.to(device), request.embedding.to(device),
-                                  streaming=not finalize, finalize=finalize)
-        mel = mel[:, :, token_offset * self.mel_ratio:].float()          # [1, n_mels, T_new]
+                                  streaming=not finalize, finalize=finalize, decoder=self.flow_decoder)
+        mel = mel[:, :, token_offset * self.mel_ratio:]          # [1, n_mels, T_new]
         cache_source = None
         if cache is not None:
             mel = torch.cat([cache.mel, mel], dim=2)

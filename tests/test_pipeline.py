@@ -85,6 +85,9 @@ def test_long_text_is_spoken_segment_by_segment(tts, voice):
     assert len(chunks) == len(segments)
 
 
+CONCURRENT_AUDIO_TOL = 5e-3   # the end-to-end parity tolerance (HiFT's phase integrates tiny mel changes)
+
+
 def test_concurrent_requests_match_their_solo_runs(tts, voice):
     seeds = [11, 12, 13]
     solo = {seed: _speak(tts.cross_lingual(SHORT_TEXT, voice=voice, seed=seed, stream=True)) for seed in seeds}
@@ -102,8 +105,15 @@ def test_concurrent_requests_match_their_solo_runs(tts, voice):
     for thread in threads:
         thread.join(timeout=300)
     assert not errors
-    for seed in seeds:
-        assert np.array_equal(results[seed], solo[seed]), seed
+    for seed in seeds:   # same tokens; the batched flow differs from the solo one by float rounding
+        assert results[seed].shape == solo[seed].shape, seed
+        error = float(np.abs(results[seed] - solo[seed]).max())
+        print(f"[concurrency] seed {seed}: max abs diff vs solo {error:.2e}")
+        assert error < CONCURRENT_AUDIO_TOL, seed
+    # the tolerance tells requests apart: another seed's audio is much further off
+    for seed, other in zip(seeds, seeds[1:]):
+        if solo[seed].shape == solo[other].shape:
+            assert float(np.abs(solo[seed] - solo[other]).max()) > 10 * CONCURRENT_AUDIO_TOL
 
 
 @pytest.mark.parametrize("call, message", [

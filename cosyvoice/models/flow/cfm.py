@@ -35,27 +35,33 @@ class CausalConditionalCFM(nn.Module):
         self.register_buffer("rand_noise", noise, persistent=False)  # [1, 80, noise_frames]
 
     def forward(self, mu: Tensor, mask: Tensor, spks: Tensor, cond: Tensor, n_timesteps: int = 10,
-                streaming: bool = False) -> Tensor:
-        # mu, cond [1, 80, T]; mask [1, 1, T]; spks [1, 80] -> mel [1, 80, T] float32
-        length = mu.shape[-1]
+                streaming: bool | Tensor = False) -> Tensor:
+        """mu, cond [B, 80, T]; mask [B, 1, T]; spks [B, 80] -> mel [B, 80, T] float32.
+
+        B is 1, or several requests right-padded to T (mask 0 on padding) with `streaming` a [B]
+        bool tensor (see the estimator's attention bias). Padding never reaches a real frame:
+        convolutions are causal and attention skips padded keys.
+        """
+        batch, length = mu.shape[0], mu.shape[-1]
         if length > self.rand_noise.shape[-1]:
             raise ValueError(f"flow input of {length} mel frames exceeds the noise buffer "
                              f"({self.rand_noise.shape[-1]} frames)")
-        x = self.rand_noise[:, :, :length].to(mu.dtype)
+        x = self.rand_noise[:, :, :length].to(mu.dtype).expand(batch, -1, -1)
         grid = torch.linspace(0, 1, n_timesteps + 1, device=mu.device, dtype=mu.dtype)
         grid = 1 - torch.cos(grid * 0.5 * math.pi)  # cosine schedule: small steps near t=0
 
-        # Row 0 is conditioned, row 1 unconditioned (mu, spks and cond zeroed; x is shared).
+        # Rows [0, B) are conditioned, rows [B, 2B) unconditioned (mu, spks and cond zeroed; x is shared).
         mask_in = torch.cat([mask, mask])
         mu_in = torch.cat([mu, torch.zeros_like(mu)])
         spks_in = torch.cat([spks, torch.zeros_like(spks)])
         cond_in = torch.cat([cond, torch.zeros_like(cond)])
+        streaming_in = streaming if isinstance(streaming, bool) else torch.cat([streaming, streaming])
 
         t, dt = grid[0], grid[1] - grid[0]
         for step in range(1, n_timesteps + 1):
-            velocity = self.estimator(torch.cat([x, x]), mask_in, mu_in, t.expand(2), spks_in, cond_in,
-                                      streaming=streaming)
-            v_cond, v_uncond = velocity[:1], velocity[1:]
+            velocity = self.estimator(torch.cat([x, x]), mask_in, mu_in, t.expand(2 * batch), spks_in, cond_in,
+                                      streaming=streaming_in)
+            v_cond, v_uncond = velocity[:batch], velocity[batch:]
             x = x + dt * ((1 + self.cfg_rate) * v_cond - self.cfg_rate * v_uncond)
             t = t + dt
             if step < n_timesteps:

@@ -97,7 +97,7 @@ class SelfAttention(nn.Module):
         self.to_out = nn.Sequential(nn.Linear(inner, dim))  # a Sequential keeps the name to_out.0
 
     def forward(self, x: Tensor, bias: Tensor | None) -> Tensor:
-        # x [B, T, C], bias [T, T] added to the scores, or None (= full attention)
+        # x [B, T, C], bias [T, T] or [B, 1, T, T] added to the scores, or None (= full attention)
         batch, length, _ = x.shape
 
         def heads(y: Tensor) -> Tensor:  # [B, T, inner] -> [B, H, T, head_dim]
@@ -181,17 +181,28 @@ class CausalConditionalDecoder(nn.Module):
         self.final_block = CausalBlock1D(width, width)
         self.final_proj = nn.Conv1d(width, out_channels, 1)
 
-    def _attention_bias(self, length: int, streaming: bool, like: Tensor) -> Tensor | None:
-        """[T, T] additive attention bias (0 = allowed, -inf = blocked), or None for full attention.
+    def _attention_bias(self, mask: Tensor, streaming: bool | Tensor) -> Tensor | None:
+        """Additive attention bias (0 = allowed, -inf = blocked), or None for full attention.
 
-        Frames are never padding at inference (batch 1, plus its unconditioned copy), so only
-        the streaming chunk mask can block anything.
+        A bool `streaming` means one request without padding (plus its unconditioned copy): it
+        gets a [T, T] chunk mask, or None. A [B] bool tensor means a batch of requests,
+        right-padded where mask [B, 1, T] is 0: it gets [B, 1, T, T], where no query sees padded
+        keys and streaming rows see only their own and earlier chunks.
         """
-        if not streaming or self.static_chunk_size <= 0:
-            return None
-        blocked = ~chunk_attention_mask(length, self.static_chunk_size, like.device)
-        bias = torch.zeros(length, length, dtype=like.dtype, device=like.device)
-        return bias.masked_fill(blocked, float("-inf"))
+        length = mask.shape[-1]
+        chunked = self.static_chunk_size > 0
+        if isinstance(streaming, bool):
+            if not streaming or not chunked:
+                return None
+            allowed = chunk_attention_mask(length, self.static_chunk_size, mask.device)   # [T, T]
+        else:
+            allowed = mask.bool()[:, :, None, :].expand(-1, -1, length, -1)               # [B, 1, T, T]
+            if chunked:
+                rows_streaming = streaming.to(mask.device)
+                chunk = chunk_attention_mask(length, self.static_chunk_size, mask.device)
+                allowed = allowed & (chunk | ~rows_streaming[:, None, None, None])
+        bias = torch.zeros(allowed.shape, dtype=mask.dtype, device=mask.device)
+        return bias.masked_fill(~allowed, float("-inf"))
 
     @staticmethod
     def _resnet_transformers(resnet: nn.Module, transformers: nn.ModuleList, x: Tensor, mask: Tensor,
@@ -203,12 +214,13 @@ class CausalConditionalDecoder(nn.Module):
         return x.transpose(1, 2)
 
     def forward(self, x: Tensor, mask: Tensor, mu: Tensor, t: Tensor, spks: Tensor, cond: Tensor,
-                streaming: bool = False) -> Tensor:
-        # x, mu, cond [B, 80, T]; mask [B, 1, T]; t [B]; spks [B, 80] -> [B, out_channels, T]
+                streaming: bool | Tensor = False) -> Tensor:
+        # x, mu, cond [B, 80, T]; mask [B, 1, T]; t [B]; spks [B, 80]; streaming bool or [B] bool
+        # -> [B, out_channels, T], zero on padded frames
         t_emb = self.time_mlp(timestep_embedding(t, self.in_channels))  # [B, time_dim]
         spks = spks[:, :, None].expand(-1, -1, x.shape[-1])
         h = torch.cat([x, mu, spks, cond], dim=1)  # [B, in_channels, T]
-        bias = self._attention_bias(x.shape[-1], streaming, x)
+        bias = self._attention_bias(mask, streaming)
 
         resnet, transformers, conv = self.down_blocks[0]
         h = self._resnet_transformers(resnet, transformers, h, mask, t_emb, bias)

@@ -1,6 +1,8 @@
 """CausalMaskedDiffWithXvec: speech tokens + prompt + speaker vector -> mel spectrogram."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -66,11 +68,15 @@ class CausalMaskedDiffWithXvec(nn.Module):
 
     @torch.inference_mode()
     def inference(self, token: Tensor, prompt_token: Tensor, prompt_feat: Tensor, embedding: Tensor,
-                  streaming: bool, finalize: bool, n_timesteps: int = 10) -> Tensor:
+                  streaming: bool, finalize: bool, n_timesteps: int = 10,
+                  decoder: Callable[..., Tensor] | None = None) -> Tensor:
         """token [1, N], prompt_token [1, P], prompt_feat [1, T_p, 80], embedding [1, 192]
         -> mel [1, 80, T - T_p] float32 for the new tokens only.
+
+        `decoder` stands in for `self.decoder` (same call; cosyvoice.flow_batching batches it
+        across requests).
         """
         mu, spks, cond, mask = self.prepare_cfm_inputs(token, prompt_token, prompt_feat, embedding,
                                                        streaming, finalize)
-        mel = self.decoder(mu, mask, spks, cond, n_timesteps=n_timesteps, streaming=streaming)
+        mel = (decoder or self.decoder)(mu, mask, spks, cond, n_timesteps=n_timesteps, streaming=streaming)
         return mel[:, :, prompt_feat.shape[1]:]

@@ -1,0 +1,114 @@
+"""Flow decoder batching across requests (cosyvoice.flow_batching): each request's mel in a padded
+batch equals its solo run, whatever the other rows' lengths and attention modes."""
+import threading
+
+import pytest
+import torch
+
+from cosyvoice.flow_batching import BatchedFlowDecoder, _Call
+from cosyvoice.loader import load_stage
+
+TOL = 1e-4   # max abs mel difference batched vs solo (float rounding of batched matmuls)
+
+
+@pytest.fixture(scope="module")
+def flow(model_dir):
+    return load_stage(model_dir, "flow", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def calls(flow, reference):
+    """Decoder inputs of requests with different lengths, streaming chunks and final calls:
+    (mu, mask, spks, cond, streaming), all batch 1."""
+    ref = reference("flow")
+    prompt = (torch.from_numpy(ref["prompt_token"]), torch.from_numpy(ref["prompt_feat"]))
+    tokens = torch.from_numpy(ref["token"])
+    result = []
+    for n_tokens, finalize in ((tokens.shape[1], True), (9, False), (tokens.shape[1] // 2, True), (14, False)):
+        embedding = torch.from_numpy(ref["embedding"]) * (1 + 0.1 * len(result))   # a voice per request
+        mu, spks, cond, mask = flow.prepare_cfm_inputs(tokens[:, :n_tokens], *prompt, embedding,
+                                                       streaming=not finalize, finalize=finalize)
+        result.append((mu, mask, spks, cond, not finalize))
+    assert len({mu.shape[2] for mu, *_ in result}) == len(result), "lengths must differ to test padding"
+    return result
+
+
+@pytest.fixture(scope="module")
+def solo(flow, calls):
+    with torch.inference_mode():
+        return [flow.decoder(mu, mask, spks, cond, streaming=streaming)
+                for mu, mask, spks, cond, streaming in calls]
+
+
+def test_padded_batch_equals_solo_runs(flow, calls, solo):
+    batched = BatchedFlowDecoder(flow.decoder)
+    pending = [_pending(call) for call in calls]
+    with torch.inference_mode():
+        mels = batched._decode(pending)
+    for index, (mel, expected) in enumerate(zip(mels, solo)):
+        assert mel.shape == expected.shape
+        error = float((mel - expected).abs().max())
+        print(f"[flow batching] request {index}: {expected.shape[2]} frames, max abs diff {error:.2e}")
+        assert error < TOL
+
+
+def test_padding_is_not_ignored(flow, calls, solo):
+    """The check above can fail: the same batch with every frame marked real (padding visible to
+    attention) changes the shorter rows."""
+    mu, cond = BatchedFlowDecoder._pad([c[0] for c in calls]), BatchedFlowDecoder._pad([c[3] for c in calls])
+    spks = torch.cat([c[2] for c in calls])
+    streaming = torch.tensor([c[4] for c in calls])
+    with torch.inference_mode():
+        unmasked = flow.decoder(mu, torch.ones_like(mu[:, :1]), spks, cond, streaming=streaming)
+    shortest = min(range(len(calls)), key=lambda i: calls[i][0].shape[2])
+    length = calls[shortest][0].shape[2]
+    assert float((unmasked[shortest:shortest + 1, :, :length] - solo[shortest]).abs().max()) > 1e-2
+
+
+def test_concurrent_callers_are_batched_and_each_gets_its_own_mel(flow, calls, solo):
+    sizes = []
+
+    def recording_decoder(mu, mask, spks, cond, n_timesteps, streaming):
+        sizes.append(mu.shape[0])
+        return flow.decoder(mu, mask, spks, cond, n_timesteps=n_timesteps, streaming=streaming)
+
+    batched = BatchedFlowDecoder(recording_decoder, max_batch=8)
+    start = threading.Barrier(len(calls))
+    results: dict[int, torch.Tensor] = {}
+
+    def caller(index):
+        mu, mask, spks, cond, streaming = calls[index]
+        start.wait()
+        for _ in range(3):   # several rounds, so callers overlap whatever the scheduling
+            results[index] = batched(mu, mask, spks, cond, streaming=streaming)
+
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(len(calls))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert sum(sizes) == 3 * len(calls)
+    assert max(sizes) > 1, f"no call was batched: batch sizes {sizes}"
+    for index, expected in enumerate(solo):
+        assert float((results[index] - expected).abs().max()) < TOL
+
+
+def test_a_failing_batch_reaches_its_callers_and_the_worker_carries_on(flow, calls, solo):
+    failures = iter([RuntimeError("out of memory (simulated)")])
+
+    def flaky_decoder(*args, **kwargs):
+        failure = next(failures, None)
+        if failure is not None:
+            raise failure
+        return flow.decoder(*args, **kwargs)
+
+    batched = BatchedFlowDecoder(flaky_decoder)
+    mu, mask, spks, cond, streaming = calls[1]
+    with pytest.raises(RuntimeError, match="simulated"):
+        batched(mu, mask, spks, cond, streaming=streaming)
+    assert float((batched(mu, mask, spks, cond, streaming=streaming) - solo[1]).abs().max()) < TOL
+
+
+def _pending(call) -> _Call:
+    mu, _, spks, cond, streaming = call
+    return _Call(mu, spks, cond, 10, streaming)
