@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
+import soxr
 import torch
 
 from ..errors import InputError
@@ -21,6 +22,14 @@ from ..errors import InputError
 # side, cutoff at 99% of the lower Nyquist rate).
 SINC_ZERO_CROSSINGS = 6
 SINC_ROLLOFF = 0.99
+# The polyphase kernel has `up` phases of about `down` taps each (up/down: the rates divided by
+# their gcd), so its memory grows with up * down and each output sample costs about `down`
+# multiply-adds. Between common rates the factors stay small (44100 -> 16000 is 160/441; the
+# largest, 192000 -> 22050, is 147/1280), but an odd rate has no common divisor with the target:
+# 44099 -> 16000 would need a 16000 x 44133 kernel (gigabytes). Past this factor we use soxr,
+# whose cost stays bounded for any ratio. 2048 keeps every common pair on the exact sinc path
+# and bounds its kernel to about 4.3 M taps (17 MB).
+MAX_SINC_FACTOR = 2048
 
 
 class AudioError(InputError):
@@ -86,9 +95,26 @@ def resample(samples: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
 
     A polyphase Hann-windowed sinc. It exists (instead of soxr) for parity: the reference prompt
     features were computed on audio resampled this way, and the prompt mel is sensitive to it.
+    Odd rate pairs whose kernel would be huge go through soxr instead (see `resample_method`).
     """
-    if orig_sr == target_sr:
+    method = resample_method(orig_sr, target_sr)
+    if method == "none":
         return np.asarray(samples, dtype=np.float32)
+    if method == "soxr":
+        return _resample_soxr(samples, orig_sr, target_sr)
+    return _resample_sinc(samples, orig_sr, target_sr)
+
+
+def resample_method(orig_sr: int, target_sr: int) -> str:
+    """'none' (same rate), 'sinc' (the reference's resampler) or 'soxr' (for rate pairs whose
+    reduced factors exceed MAX_SINC_FACTOR)."""
+    if orig_sr == target_sr:
+        return "none"
+    divisor = math.gcd(orig_sr, target_sr)
+    return "sinc" if max(orig_sr, target_sr) // divisor <= MAX_SINC_FACTOR else "soxr"
+
+
+def _resample_sinc(samples: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
     divisor = math.gcd(orig_sr, target_sr)
     orig, new = orig_sr // divisor, target_sr // divisor
     kernels, half_width = _sinc_kernels(orig, new)                           # [new, 1, K]
@@ -97,7 +123,21 @@ def resample(samples: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
     # Output phase j of input block i is sample i * new + j of the result.
     phases = torch.nn.functional.conv1d(padded, kernels, stride=orig)        # [1, new, blocks]
     out = phases[0].T.reshape(-1)
-    return out[: math.ceil(new * audio.numel() / orig)].numpy()
+    return out[: _output_length(audio.numel(), orig, new)].numpy()
+
+
+def _resample_soxr(samples: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
+    """soxr's very-high-quality resampler, padded or cut to the sinc path's output length (soxr
+    rounds the length; the two differ by at most one sample)."""
+    audio = np.ascontiguousarray(samples, dtype=np.float32)
+    out = soxr.resample(audio, orig_sr, target_sr, quality="VHQ").astype(np.float32, copy=False)
+    length = _output_length(audio.size, orig_sr, target_sr)
+    return np.pad(out[:length], (0, max(0, length - out.size)))
+
+
+def _output_length(n: int, orig: int, new: int) -> int:
+    """ceil(n * new / orig), in integers (a float product can round the wrong way)."""
+    return -(-n * new // orig)
 
 
 @functools.lru_cache(maxsize=16)   # a server sees the same few rate pairs again and again

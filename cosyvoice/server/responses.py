@@ -23,7 +23,7 @@ async def audio_response(request: Request, generation: Generation, fmt: str, sam
     headers = audio_headers(fmt, sample_rate, generation.from_cache)
     if stream:
         # close() also runs as a background task: the body may be abandoned before it starts
-        return StreamingResponse(_encoded(request, generation, fmt, sample_rate),
+        return StreamingResponse(encoded_chunks(request, generation, fmt, sample_rate),
                                  media_type=MEDIA_TYPES[fmt], headers=headers,
                                  background=BackgroundTask(generation.close))
     audio = await collect(request, generation)
@@ -43,7 +43,8 @@ async def collect(request: Request, generation: Generation) -> np.ndarray:
     return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
 
 
-async def _encoded(request: Request, generation: Generation, fmt: str, sample_rate: int):
+async def encoded_chunks(request: Request, generation: Generation, fmt: str, sample_rate: int):
+    """The generation's audio encoded in `fmt`, piece by piece as it is made."""
     encoder = stream_encoder(fmt, sample_rate)
     try:
         async for chunk in generation.chunks():
