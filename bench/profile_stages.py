@@ -11,6 +11,8 @@ Measures, on a zero-shot request with a synthetic (or given) prompt:
   streaming  first-chunk latency, total time, audio seconds and RTF of the streaming run
   llm_concurrency  speech tokens/s summed over N simultaneous requests at concurrency 1 and N,
              continuous batching (`torch`) vs one request at a time (`torch-serial`)
+  flow_concurrency mel frames/s summed over N simultaneous flow calls at concurrency 1 and N,
+             batched across requests vs each request's call on its own
 Random weights do not stop on their own: every run generates exactly --tokens speech tokens
 (bench.stage_timers.ForcedLength). See bench/README.md for the report's keys.
 """
@@ -32,7 +34,7 @@ import cosyvoice  # noqa: E402
 from cosyvoice.batching import BatchedLLM  # noqa: E402
 from cosyvoice.synthesis import ModelInput, Synthesizer  # noqa: E402
 
-from bench import llm_concurrency  # noqa: E402
+from bench import flow_concurrency, llm_concurrency  # noqa: E402
 from bench.environment import cpu_model, describe_run, load_average  # noqa: E402
 from bench.plots import plot_profile  # noqa: E402
 from bench.report import default_path, write_report  # noqa: E402
@@ -60,11 +62,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=8,
                         help="N of the LLM concurrency measurement (1 vs N); 0 skips it")
     parser.add_argument("--concurrency-tokens", type=int, help="tokens per request there (default --tokens)")
+    parser.add_argument("--flow-concurrency", type=int, default=0,
+                        help="N of the flow concurrency measurement (1 vs N); 0 skips it")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="report path (default bench/results/profile-<time>.json)")
     args = parser.parse_args(argv)
-    if args.tokens < 2 or args.repeats < 1 or args.concurrency < 0:
-        parser.error("--tokens must be at least 2, --repeats at least 1, --concurrency at least 0")
+    if args.tokens < 2 or args.repeats < 1 or args.concurrency < 0 or args.flow_concurrency < 0:
+        parser.error("--tokens must be at least 2, --repeats at least 1, --concurrency and "
+                     "--flow-concurrency at least 0")
     return args
 
 
@@ -205,6 +210,10 @@ def run(args: argparse.Namespace) -> dict:
         report["llm_concurrency"] = llm_concurrency.compare(
             backends, request, ForcedLength(llm.sampling, tokens, llm.speech_token_size),
             [1, args.concurrency], device)
+    if args.flow_concurrency:
+        report["flow_concurrency"] = flow_concurrency.compare(
+            tts.synthesizer.flow, request, args.concurrency_tokens or args.tokens,
+            [1, args.flow_concurrency], device, llm.speech_token_size)
     report["load_average_end"] = load_average()
     return report
 
@@ -226,6 +235,11 @@ def format_summary(report: dict) -> str:
                               f"{row['concurrency']}" for row in rows)
             lines.append(f"LLM tokens/s summed, {backend}: {rates} (x{concurrency['scaling'][backend]}, "
                          f"decoding x{concurrency['decode_scaling'][backend]})")
+    flows = report.get("flow_concurrency")
+    if flows:
+        for decoder, rows in flows["decoders"].items():
+            rates = ", ".join(f"{row['mel_frames_per_s']} at {row['concurrency']}" for row in rows)
+            lines.append(f"flow mel frames/s summed, {decoder}: {rates} (x{flows['scaling'][decoder]})")
     return "\n".join(lines)
 
 

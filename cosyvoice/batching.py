@@ -137,7 +137,7 @@ class BatchedLLM:
             inputs[row, :lengths[row]] = request.prompt[0]
         positions = torch.arange(max(lengths), device=device)[None].expand(len(batch), -1)
         slots = torch.tensor([r.slot for r in batch], device=device)
-        hidden = forward_slots(self.body, inputs, positions, slots, self._cache)      # [B, T, H]
+        hidden = forward_slots(self.body, inputs, positions, slots, self._cache, max(lengths))   # [B, T, H]
         last = hidden[torch.arange(len(batch), device=device), torch.tensor(lengths, device=device) - 1]
         for request, length, logp in zip(batch, lengths, self.llm._log_probs(last)):
             request.position = length
@@ -148,7 +148,8 @@ class BatchedLLM:
         inputs = torch.stack([r.next_input for r in batch])[:, None]                      # [B, 1, H]
         positions = torch.tensor([[r.position] for r in batch], device=device)            # [B, 1]
         slots = torch.tensor([r.slot for r in batch], device=device)
-        logp = self.llm._log_probs(forward_slots(self.body, inputs, positions, slots, self._cache)[:, 0])
+        length = max(r.position for r in batch) + 1
+        logp = self.llm._log_probs(forward_slots(self.body, inputs, positions, slots, self._cache, length)[:, 0])
         for request, row in zip(list(batch), logp):
             request.position += 1
             self._take_token(request, row)

@@ -37,6 +37,7 @@ from .voice import Voice
 
 AudioInput = str | Path | bytes | np.ndarray
 SPEAKERS_FILE = "spk2info.pt"
+DEFAULT_GPU_FLOW_BATCH = 8
 
 
 def default_ttsfrd_resource(model_dir: Path) -> Path:
@@ -51,12 +52,14 @@ class CosyVoice2:
 
     `llm_backend` runs the LLM stage: "torch" (our SpeechLM), "trtllm" (TensorRT-LLM, see
     cosyvoice.backends) or a factory (model_dir, device, dtype) -> backend. `flow_batch` is how
-    many concurrent requests' flow decoder calls may run as one batch (1: each runs alone).
+    many concurrent requests' flow decoder calls may run as one batch (1: each runs alone). By
+    default 8 on a GPU, where one call leaves most of the chip idle, and 1 on a CPU, where calls
+    from parallel threads measured faster than one batch (bench.profile_stages --flow-concurrency).
     """
 
     def __init__(self, model_dir: str | Path, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, ttsfrd_resource: str | Path | None = None,
-                 llm_backend: str | BackendFactory = "torch", flow_batch: int = 8):
+                 llm_backend: str | BackendFactory = "torch", flow_batch: int | None = None):
         self.model_dir = check_model_dir(model_dir)
         self.device = torch.device(device)
         make_llm = backend_factory(llm_backend)
@@ -72,6 +75,8 @@ class CosyVoice2:
         self._normalizer_lock = threading.Lock()   # FST normalisers are not thread-safe
         self.prompt_features = PromptFeatureExtractor(self.model_dir, self.settings.mel,
                                                       self.settings.token_mel_ratio, str(self.device))
+        if flow_batch is None:
+            flow_batch = 1 if self.device.type == "cpu" else DEFAULT_GPU_FLOW_BATCH
         if flow_batch < 1:
             raise ValueError(f"flow_batch must be at least 1, got {flow_batch}")
         flow_decoder = BatchedFlowDecoder(flow.decoder, flow_batch) if flow_batch > 1 else flow.decoder

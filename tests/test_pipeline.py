@@ -18,6 +18,12 @@ def tts(model_dir):
 
 
 @pytest.fixture(scope="module")
+def tts_flow_batched(model_dir):
+    """The GPU default (flow decoder calls of concurrent requests batched), here on the CPU."""
+    return cosyvoice.load(model_dir, flow_batch=4)
+
+
+@pytest.fixture(scope="module")
 def prompt_wav(fixture_dir):
     return fixture_dir / "reference" / "prompt.wav"
 
@@ -88,7 +94,9 @@ def test_long_text_is_spoken_segment_by_segment(tts, voice):
 CONCURRENT_AUDIO_TOL = 5e-3   # the end-to-end parity tolerance (HiFT's phase integrates tiny mel changes)
 
 
-def test_concurrent_requests_match_their_solo_runs(tts, voice):
+@pytest.mark.parametrize("model", ["tts", "tts_flow_batched"])
+def test_concurrent_requests_match_their_solo_runs(model, voice, request):
+    tts = request.getfixturevalue(model)
     seeds = [11, 12, 13]
     solo = {seed: _speak(tts.cross_lingual(SHORT_TEXT, voice=voice, seed=seed, stream=True)) for seed in seeds}
     results, errors = {}, []

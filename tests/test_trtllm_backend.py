@@ -1,11 +1,16 @@
 """Contract test of the TensorRT-LLM backend against FAKE_TENSORRT_LLM, a stand-in `tensorrt_llm`
 package defined here that records how it is called (the real wheel needs a CUDA GPU and cannot be
 installed on CI). The fake's LLM runs the exported model with stock transformers (so, like
-TensorRT-LLM, without lm_head.bias), calls the request's logits processors and decodes greedily,
-which is what the real engine is asked to do. What this cannot show: that TensorRT-LLM 1.0
-behaves like the fake (see cosyvoice/backends/trtllm.py)."""
+TensorRT-LLM, without lm_head.bias), calls the request's logits processor and decodes greedily,
+which is what the real engine is asked to do. It mirrors what TensorRT-LLM 1.0's source shows of
+the TensorRT-engine flavour: the config classes refuse field names the real ones lack, the
+sampling params are pickled on submission (the real LLM sends them to its executor worker
+process), the processor is one callable called with logits [1, beam, rows], and the streamed
+token_ids are cumulative, a trailing stop word dropped from the final output. What this cannot
+show: that the real engine behaves like the fake (see cosyvoice/backends/trtllm.py)."""
 import asyncio
 import importlib.machinery
+import pickle
 import sys
 import threading
 import time
@@ -41,18 +46,52 @@ class Recorder:
 
 
 class FakeConfig:
+    """A config object of the fake: its keyword arguments become attributes; a name the real
+    class lacks is a TypeError, as it is for the real dataclasses and pydantic models."""
+    FIELDS: frozenset = frozenset()
+
     def __init__(self, **kwargs):
+        unknown = sorted(set(kwargs) - self.FIELDS)
+        if unknown:
+            raise TypeError(f"{type(self).__name__} has no field(s) {unknown}")
         self.kwargs = kwargs
         self.__dict__.update(kwargs)
 
 
+class FakeBuildConfig(FakeConfig):        # tensorrt_llm/builder.py BuildConfig (a subset)
+    FIELDS = frozenset({"max_input_len", "max_seq_len", "max_batch_size", "max_beam_width",
+                        "max_num_tokens", "opt_num_tokens", "gather_context_logits",
+                        "gather_generation_logits", "plugin_config"})
+
+
+class FakeKvCacheConfig(FakeConfig):      # tensorrt_llm/llmapi/llm_args.py KvCacheConfig (a subset)
+    FIELDS = frozenset({"free_gpu_memory_fraction", "max_tokens", "enable_block_reuse"})
+
+
+class FakeSamplingParams(FakeConfig):     # tensorrt_llm/sampling_params.py SamplingParams (a subset)
+    FIELDS = frozenset({"end_id", "pad_id", "max_tokens", "stop_token_ids", "include_stop_str_in_output",
+                        "top_k", "top_p", "temperature", "seed", "min_tokens", "detokenize",
+                        "logits_processor", "apply_batched_logits_processor", "n", "best_of"})
+
+
+# LLM(...) keywords the backend uses, all fields of TensorRT-LLM 1.0's TrtLlmArgs (LLM refuses others).
+LLM_KWARGS = frozenset({"skip_tokenizer_init", "dtype", "build_config", "kv_cache_config"})
+
+
+def eos_when_allowed(logp, decoded, generator=None):
+    """A sampler that ends the segment as soon as EOS is allowed (module-level: it must pickle)."""
+    eos = logp.shape[0] - 3
+    return eos if logp[eos] > -float("inf") else 0
+
+
 class FakeRequest:
-    """One generate_async(streaming=True) result: an async iterator of cumulative outputs."""
+    """One generate_async(streaming=True) result: an async iterator of RequestOutputs whose
+    outputs[0].token_ids holds every id generated so far."""
 
     def __init__(self, model, prompt, params):
         self.model, self.prompt, self.params = model, list(prompt), params
         self.generated, self.finished, self.aborted = [], False, False
-        self.stops = {params.end_id, *params.stop_token_ids}
+        assert callable(params.logits_processor), "the TensorRT flow takes one processor, not a list"
 
     def abort(self):
         self.aborted = True
@@ -65,16 +104,18 @@ class FakeRequest:
             raise StopAsyncIteration
         with torch.inference_mode():
             logits = self.model(input_ids=torch.tensor([self.prompt + self.generated])).logits[0, -1]
-        logits = logits.float().reshape(1, 1, -1).clone()           # [beam, 1, rows] like the engine's
-        processors = self.params.logits_processor
-        for processor in processors if isinstance(processors, list) else [processors]:
-            processor(7, logits, [self.prompt + self.generated], None, None)
+        logits = logits.float().reshape(1, 1, -1).clone()           # [1, beam, rows] like the engine's
+        # The real stream_ptr is the engine's CUDA stream (an int); there is none here.
+        self.params.logits_processor(7, logits, [self.prompt + self.generated], None, None)
         assert self.params.top_k == 1
         token = int(logits.argmax())
         self.generated.append(token)
-        self.finished = token in self.stops or len(self.generated) >= self.params.max_tokens
+        ended_by_stop_word = token in self.params.stop_token_ids and token != self.params.end_id
+        self.finished = (token == self.params.end_id or ended_by_stop_word
+                         or len(self.generated) >= self.params.max_tokens)
+        token_ids = self.generated[:-1] if ended_by_stop_word else self.generated
         await asyncio.sleep(0)
-        return SimpleNamespace(outputs=[SimpleNamespace(token_ids=list(self.generated))])
+        return SimpleNamespace(outputs=[SimpleNamespace(token_ids=list(token_ids))])
 
 
 def make_fake_tensorrt_llm(recorder: Recorder) -> dict:
@@ -83,6 +124,8 @@ def make_fake_tensorrt_llm(recorder: Recorder) -> dict:
     class FakeLLM:
         def __init__(self, model, **kwargs):
             recorder.calls.append(("LLM", {"model": model, **kwargs}))
+            if set(kwargs) - LLM_KWARGS:
+                raise ValueError(f"LLM got invalid argument(s): {sorted(set(kwargs) - LLM_KWARGS)}")
             engine_file = Path(model) / "engine.txt"
             self.hf_dir = Path(engine_file.read_text()) if engine_file.is_file() else Path(model)
             self.model = Qwen2ForCausalLM.from_pretrained(str(self.hf_dir), dtype=torch.float32).eval()
@@ -93,10 +136,12 @@ def make_fake_tensorrt_llm(recorder: Recorder) -> dict:
             Path(path).mkdir(parents=True)
             (Path(path) / "engine.txt").write_text(str(self.hf_dir))
 
-        def generate_async(self, inputs, sampling_params, streaming):
+        def generate_async(self, inputs, sampling_params=None, streaming=False):
             recorder.calls.append(("generate_async", {"inputs": inputs, "streaming": streaming,
                                                       "params": sampling_params}))
-            request = FakeRequest(self.model, inputs, sampling_params)
+            # The real LLM pickles the request to its executor's worker process, which runs the
+            # logits processor on its own copy.
+            request = FakeRequest(self.model, inputs, pickle.loads(pickle.dumps(sampling_params)))
             self.requests.append(request)
             return request
 
@@ -108,13 +153,14 @@ def make_fake_tensorrt_llm(recorder: Recorder) -> dict:
 
     def sampling_params(**kwargs):
         recorder.calls.append(("SamplingParams", kwargs))
-        return FakeConfig(**kwargs)
+        return FakeSamplingParams(**kwargs)
 
     root = module("tensorrt_llm", __version__=recorder.version, SamplingParams=sampling_params,
-                  BuildConfig=FakeConfig)
+                  BuildConfig=FakeBuildConfig)
     return {"tensorrt_llm": root,
             "tensorrt_llm._tensorrt_engine": module("tensorrt_llm._tensorrt_engine", LLM=FakeLLM),
-            "tensorrt_llm.llmapi": module("tensorrt_llm.llmapi", KvCacheConfig=FakeConfig)}
+            "tensorrt_llm.llmapi": module("tensorrt_llm.llmapi", BuildConfig=FakeBuildConfig,
+                                          KvCacheConfig=FakeKvCacheConfig)}
 
 
 @pytest.fixture
@@ -243,10 +289,7 @@ def test_closing_the_stream_aborts_the_request(fake_trtllm, model_dir, cache_dir
 def test_eos_is_blocked_before_the_minimum_length(fake_trtllm, model_dir, cache_dir, reference):
     backend = make_backend(model_dir, cache_dir)
     text, prompt_text, prompt_speech = inputs(reference("llm"), "cross_lingual")
-    eos = backend.vocab.speech_size
-
-    def eos_when_allowed(logp, decoded, generator=None):
-        return eos if logp[eos] > -float("inf") else 0
+    assert backend.vocab.speech_size == backend.head_bias.shape[0] - 3      # eos_when_allowed's EOS
     assert len(list(backend.generate(text, prompt_text, prompt_speech, sampling=eos_when_allowed))) == \
         2 * text.shape[1]
 
@@ -282,3 +325,21 @@ def test_the_pipeline_runs_on_the_backend(fake_trtllm, model_dir, cache_dir, fix
     chunks = list(tts.cross_lingual("Hello there.", fixture_dir / "reference" / "prompt.wav", stream=True, seed=0))
     assert sum(len(chunk) for chunk in chunks) > 0
     assert len(fake_trtllm.of("generate_async")) == 1
+
+
+def test_a_request_the_llm_refuses_fails_instead_of_hanging(fake_trtllm, model_dir, cache_dir, reference):
+    """generate_async raises at once for a request it refuses (the real one for a processor that
+    does not pickle, a prompt plus max_tokens over max_seq_len, or an LLM shutting down)."""
+    backend = make_backend(model_dir, cache_dir)
+    failures = []
+
+    def run():
+        try:
+            list(backend.generate(*inputs(reference("llm"), "zero_shot"),
+                                  sampling=lambda logp, decoded, generator=None: 0))   # does not pickle
+        except RuntimeError as error:
+            failures.append(error)
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout=60)
+    assert not thread.is_alive() and "TensorRT-LLM request failed" in str(failures[0])

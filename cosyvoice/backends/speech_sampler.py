@@ -36,8 +36,10 @@ class SpeechTokenSampler:
 
     def __call__(self, req_id: int, logits: torch.Tensor, token_ids: list[list[int]],
                  stream_ptr: int | None, client_id: int | None) -> None:
-        """TensorRT-LLM's LogitsProcessor signature; edits `logits` [..., rows] in place on the
-        runtime's CUDA stream (`stream_ptr`, None on its PyTorch backend)."""
+        """TensorRT-LLM's LogitsProcessor signature; edits `logits` in place on the runtime's
+        CUDA stream (`stream_ptr`, an int; None on its PyTorch backend). On the TensorRT engine
+        `logits` is a view of the step's device buffer, [1, beam, rows] in the engine's logits
+        dtype, and `token_ids` (unused here) is per beam, prompt included."""
         stream = contextlib.nullcontext() if stream_ptr is None else \
             torch.cuda.stream(torch.cuda.ExternalStream(stream_ptr))
         with stream:

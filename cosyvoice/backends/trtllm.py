@@ -17,6 +17,13 @@ per request (from the caller's generator), so a given seed picks other tokens th
 the logits come from a bf16/fp16 engine; and a segment is cut at `max_output_len` tokens where
 SpeechLM allows 20 per text token. Each step costs one small device-to-host copy per request.
 
+Worker process: on one GPU the LLM API runs the executor in a worker process it spawns with
+mpi4py (so the entry point must be guarded by `if __name__ == "__main__":`), and each request,
+its SamplingParams and so its logits processor, is pickled over ZeroMQ to that process. The
+processor runs there on a copy: it must pickle by reference (its `sampling` a module-level
+function or a functools.partial of one, never a lambda or closure), and its state never comes
+back (nothing here reads it). The worker imports `cosyvoice` with this process's sys.path.
+
 Batching: requests from concurrent threads are submitted at once and the executor batches them in
 flight (up to `max_batch_size`, the server's worker count). Streaming runs on one asyncio loop
 thread owned by the backend; each `generate` iterator reads its request's tokens from a queue, and
@@ -116,16 +123,17 @@ class TrtLlmFactory:
         key = EngineKey(gpu_name=torch.cuda.get_device_name(), compute_capability=f"{capability[0]}.{capability[1]}",
                         trtllm_version=trtllm.__version__, dtype=self.dtype or default_dtype(capability),
                         weights_sha256=info.weights_sha256, limits=self.limits)
-        llm = self.open_engine(trtllm, hf_dir, engine_dir(cache_dir, key), key)
+        llm = self.open_engine(hf_dir, engine_dir(cache_dir, key), key)
         vocab = info.vocab
         bias = read_lm_head_bias(hf_dir)[vocab.speech_offset:vocab.speech_offset + vocab.head_rows]
         sampling = yaml_sampling(read_config(model_dir / YAML_NAME))
         return TrtLlmBackend(llm, trtllm.SamplingParams, vocab, bias, sampling, self.limits.max_output_len)
 
-    def open_engine(self, trtllm, hf_dir: Path, folder: Path, key: EngineKey):
+    def open_engine(self, hf_dir: Path, folder: Path, key: EngineKey):
         """The LLM on the cached engine, building and caching it first when missing."""
         from tensorrt_llm._tensorrt_engine import LLM
-        from tensorrt_llm.llmapi import KvCacheConfig
+        # tensorrt_llm.llmapi exports both; later releases drop the top-level BuildConfig.
+        from tensorrt_llm.llmapi import BuildConfig, KvCacheConfig
 
         limits = key.limits
         kv_cache = KvCacheConfig(free_gpu_memory_fraction=self.kv_cache_fraction,
@@ -137,10 +145,9 @@ class TrtLlmFactory:
         log.info("TensorRT-LLM engine: building for %s (sm %s, TensorRT-LLM %s, %s) with %s; "
                  "cached in %s", key.gpu_name, key.compute_capability, key.trtllm_version, key.dtype,
                  limits.describe(), folder)
-        build_config = trtllm.BuildConfig(max_batch_size=limits.max_batch_size,
-                                          max_input_len=limits.max_input_len,
-                                          max_seq_len=limits.max_seq_len,
-                                          max_num_tokens=limits.max_num_tokens, max_beam_width=1)
+        build_config = BuildConfig(max_batch_size=limits.max_batch_size, max_input_len=limits.max_input_len,
+                                   max_seq_len=limits.max_seq_len, max_num_tokens=limits.max_num_tokens,
+                                   max_beam_width=1)
         llm = LLM(model=str(hf_dir), skip_tokenizer_init=True, dtype=key.dtype,
                   build_config=build_config, kv_cache_config=kv_cache, **self.engine_options)
         partial = folder.with_name(folder.name + ".partial")
@@ -186,7 +193,8 @@ class TrtLlmBackend:
                  prompt_speech_tokens: torch.Tensor, *, sampling: Callable[..., int] | None = None,
                  generator: torch.Generator | None = None) -> Iterator[int]:
         """See cosyvoice.backends.LLMBackend. The draw for each request is seeded from
-        `generator` when the request is submitted (the iterator's first step)."""
+        `generator` when the request is submitted (the iterator's first step). `sampling` runs in
+        TensorRT-LLM's worker process, so it must be picklable (see the module docstring)."""
         n_text = text_ids.shape[1]
         max_len = min(int(n_text * MAX_TOKEN_TEXT_RATIO), self.max_output_len)
         if max_len == 0:
@@ -197,7 +205,7 @@ class TrtLlmBackend:
         params = self.sampling_params(
             max_tokens=max_len, end_id=self.vocab.eos_id, pad_id=self.vocab.eos_id,
             stop_token_ids=list(self.vocab.stop_ids), top_k=1, detokenize=False,
-            logits_processor=sampler)
+            logits_processor=sampler)   # one callable: a list is for the PyTorch backend only
         prompt = self.vocab.prompt_ids(text_ids, prompt_text_ids, prompt_speech_tokens)
         with contextlib.closing(self._stream(prompt, params)) as merged_ids:
             for merged_id in merged_ids:
@@ -211,10 +219,14 @@ class TrtLlmBackend:
         arrived: queue.Queue = queue.Queue()
 
         async def run() -> None:
-            result = self.llm.generate_async(prompt, sampling_params=params, streaming=True)
             try:
+                # Inside the try: generate_async raises at once for a request it refuses (a
+                # processor that does not pickle, prompt + max_tokens over max_seq_len, shutdown).
+                result = self.llm.generate_async(prompt, sampling_params=params, streaming=True)
                 async for output in result:
-                    arrived.put(list(output.outputs[0].token_ids))   # all ids generated so far
+                    # token_ids holds all ids generated so far (token_ids_diff is the new part);
+                    # the final output may drop a trailing stop word, so it can be shorter.
+                    arrived.put(list(output.outputs[0].token_ids))
             except asyncio.CancelledError:
                 result.abort()
                 raise

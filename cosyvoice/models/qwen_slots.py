@@ -38,8 +38,10 @@ def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
 
 
 def _attention(attention: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               cache: SlotKVCache, layer: int, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Self-attention of `hidden` [B, T, H] at `positions` [B, T], writing into the slots' cache."""
+               cache: SlotKVCache, layer: int, slots: torch.Tensor, positions: torch.Tensor,
+               visible: torch.Tensor) -> torch.Tensor:
+    """Self-attention of `hidden` [B, T, H] at `positions` [B, T], writing into the slots' cache;
+    visible [B, 1, T, L] says which of the first L cache positions each query sees."""
     batch, steps, _ = hidden.shape
     head_dim = attention.head_dim
     q = attention.q_proj(hidden).view(batch, steps, -1, head_dim).transpose(1, 2)   # [B, Hq, T, D]
@@ -50,25 +52,35 @@ def _attention(attention: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, si
     rows = slots[:, None]                                                     # [B, 1] with positions [B, T]
     cache.keys[layer][rows, :, positions] = k.transpose(1, 2)                 # [B, T, Hkv, D]
     cache.values[layer][rows, :, positions] = v.transpose(1, 2)
-    length = int(positions.max()) + 1
+    length = visible.shape[-1]
     keys = cache.keys[layer][slots, :, :length]                               # [B, Hkv, L, D]
     values = cache.values[layer][slots, :, :length]
-    groups = q.shape[1] // keys.shape[1]                                      # query heads per kv head
-    keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
 
-    # a query at position p sees cache positions 0..p of its own slot
-    visible = torch.arange(length, device=hidden.device)[None, None, None, :] <= positions[:, None, :, None]
-    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, scale=attention.scaling)
+    # Grouped-query attention without copying keys/values per query head: the query heads that
+    # share a kv head are stacked along the time axis, [B, Hq, T, D] -> [B, Hkv, groups * T, D].
+    kv_heads = keys.shape[1]
+    groups = q.shape[1] // kv_heads
+    q = q.reshape(batch, kv_heads, groups * steps, head_dim)
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible.repeat(1, 1, groups, 1),
+                                         scale=attention.scaling)
+    out = out.view(batch, kv_heads * groups, steps, head_dim)                  # [B, Hq, T, D]
     return attention.o_proj(out.transpose(1, 2).reshape(batch, steps, -1))
 
 
 def forward_slots(body: nn.Module, inputs_embeds: torch.Tensor, positions: torch.Tensor,
-                  slots: torch.Tensor, cache: SlotKVCache) -> torch.Tensor:
+                  slots: torch.Tensor, cache: SlotKVCache, length: int | None = None) -> torch.Tensor:
     """inputs_embeds [B, T, H] at positions [B, T] for cache `slots` [B] -> hidden [B, T, H] after
-    the final norm (what `transformers`' Qwen2Model returns as last_hidden_state)."""
+    the final norm (what `transformers`' Qwen2Model returns as last_hidden_state).
+
+    `length` = max(positions) + 1, when the caller knows it without asking the device."""
+    if length is None:
+        length = int(positions.max()) + 1
+    # a query at position p sees cache positions 0..p of its own slot
+    visible = torch.arange(length, device=positions.device)[None, None, None, :] <= positions[:, None, :, None]
     cos, sin = body.rotary_emb(inputs_embeds, positions)                      # [B, T, D] each
     x = inputs_embeds
     for index, layer in enumerate(body.layers):
-        x = x + _attention(layer.self_attn, layer.input_layernorm(x), cos, sin, cache, index, slots, positions)
+        x = x + _attention(layer.self_attn, layer.input_layernorm(x), cos, sin, cache, index, slots, positions,
+                           visible)
         x = x + layer.mlp(layer.post_attention_layernorm(x))
     return body.norm(x)
