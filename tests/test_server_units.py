@@ -74,8 +74,17 @@ def test_settings_flags_override_environment_which_overrides_defaults():
     assert settings.api_key == "secret" and settings.host == "127.0.0.1" and settings.workers == 2
 
 
+@pytest.mark.parametrize("device, dtype, loaded", [("cpu", "auto", "float32"), ("cuda", "auto", "float16"),
+                                                   ("cuda:1", "auto", "float16"), ("cuda", "bfloat16", "bfloat16"),
+                                                   ("cpu", "float16", "float16")])
+def test_auto_dtype_is_half_on_a_gpu_only(device, dtype, loaded):
+    settings = Settings.from_args(["--model-dir", "m", "--device", device, "--dtype", dtype], environ={})
+    assert settings.torch_dtype() == loaded
+
+
 @pytest.mark.parametrize("argv", [[], ["--model-dir", "m", "--device", "tpu"], ["--model-dir", "m", "--port", "0"],
-                                  ["--model-dir", "m", "--workers", "0"], ["--model-dir", "m", "--port", "x"]])
+                                  ["--model-dir", "m", "--workers", "0"], ["--model-dir", "m", "--port", "x"],
+                                  ["--model-dir", "m", "--dtype", "float64"]])
 def test_settings_refuse_unusable_values(argv):
     with pytest.raises(SystemExit) as exit_info:
         Settings.from_args(argv, environ={})

@@ -89,9 +89,10 @@ class Engine:
 
                 import cosyvoice
 
-                log.info("loading model from %s on %s", self.settings.model_dir, self.settings.device)
+                dtype = self.settings.torch_dtype()
+                log.info("loading model from %s on %s (%s)", self.settings.model_dir, self.settings.device, dtype)
                 self.tts = cosyvoice.load(self.settings.model_dir, device=self.settings.device,
-                                          dtype=getattr(torch, self.settings.dtype),
+                                          dtype=getattr(torch, dtype),
                                           llm_backend=self.llm_backend)
             self.voices.open(self.tts)
             self._warm_up()
