@@ -1,17 +1,19 @@
 """Continuous batching of the speech LLM across concurrent requests.
 
 One scheduler thread owns the model. Each loop iteration it admits waiting requests into free
-cache slots (their prompts prefilled together in one padded pass), then advances every active request by one token in a single
-batched forward pass. Requests join and leave between steps, so a new request never waits for
+cache slots (their prompts prefilled together in one padded pass), then advances every active
+request by one token in a single batched forward pass. Requests join and leave between steps, so a new request never waits for
 the others to finish, and N concurrent streams cost about one forward pass per token instead of N.
 
 Each request keeps its own sampler, generator and limits, so its tokens are the ones
 `SpeechLM.generate` gives for the same seed (up to float rounding in batched matrix products).
 `BatchedLLM.generate` has the same signature as `SpeechLM.generate`, so the synthesis code does
-not know which one it runs.
+not know which one it runs. On a GPU the decode step runs on static shapes recorded as CUDA
+graphs (cosyvoice.decode_graphs), whose padding rows write into the cache's one spare slot.
 """
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from dataclasses import dataclass, field
@@ -19,9 +21,12 @@ from typing import Callable, Iterator
 
 import torch
 
+from .decode_graphs import DecodeStep, StaticDecodeStep, eager_decode_step
 from .errors import InputError
 from .models.llm import SpeechLM
 from .models.qwen_slots import SlotKVCache, forward_slots
+
+log = logging.getLogger("cosyvoice.batching")
 
 _END = object()  # queued after a request's last token
 
@@ -44,12 +49,17 @@ class _Request:
 class BatchedLLM:
     """Serves `generate` calls from many threads with one batched decode loop."""
 
-    def __init__(self, llm: SpeechLM, max_batch: int = 8, max_len: int = 4096):
+    def __init__(self, llm: SpeechLM, max_batch: int = 8, max_len: int = 4096,
+                 static_decode: bool | None = None):
+        """`static_decode`: run decode steps on static shapes, recorded as CUDA graphs on a GPU
+        (cosyvoice.decode_graphs); default: on a GPU only."""
         self.llm = llm
         self.body = llm.llm.model.model
         self.max_batch = max_batch
         self.max_len = max_len
+        self.static_decode = static_decode
         self._cache: SlotKVCache | None = None       # allocated by the scheduler thread on first use
+        self._decode: DecodeStep | None = None       # likewise
         self._waiting: queue.SimpleQueue[_Request] = queue.SimpleQueue()
         self._active: list[_Request] = []
         self._free_slots = list(range(max_batch))
@@ -98,12 +108,34 @@ class BatchedLLM:
 
     def _run(self) -> None:
         with torch.inference_mode():
-            self._cache = SlotKVCache(self.body, self.max_batch, self.max_len)
+            try:
+                self._cache = SlotKVCache(self.body, self.max_batch + 1, self.max_len)   # + a scratch slot
+                self._decode = self._decode_step()
+            except Exception as error:   # out of memory, say: every request, now and later, gets it
+                while True:
+                    self._waiting.get().tokens.put(error)
             while True:
                 self._admit(block=not self._active)
                 self._drop_cancelled()
                 if self._active:
                     self._guarded(self._active, self._step)
+
+    def _decode_step(self) -> DecodeStep:
+        device = self._cache.keys.device
+        static = self.static_decode if self.static_decode is not None else device.type == "cuda"
+        eager = eager_decode_step(self.body, self.llm._log_probs, self._cache)
+        if not static:
+            return eager
+        step = StaticDecodeStep(self.body, self.llm._log_probs, self._cache, scratch_slot=self.max_batch,
+                                max_batch=self.max_batch, hidden_size=self.body.config.hidden_size)
+        if device.type == "cuda":
+            try:
+                step.record()
+            except RuntimeError as error:   # eager decoding gives the same tokens, only slower
+                log.warning("recording the decode step as CUDA graphs failed (%s); decoding eagerly", error)
+                return eager
+            log.info("decode step recorded as CUDA graphs for batches up to %d", self.max_batch)
+        return step
 
     def _admit(self, block: bool) -> None:
         """Moves waiting requests into free slots and prefills them together (waits for one
@@ -148,8 +180,7 @@ class BatchedLLM:
         inputs = torch.stack([r.next_input for r in batch])[:, None]                      # [B, 1, H]
         positions = torch.tensor([[r.position] for r in batch], device=device)            # [B, 1]
         slots = torch.tensor([r.slot for r in batch], device=device)
-        length = max(r.position for r in batch) + 1
-        logp = self.llm._log_probs(forward_slots(self.body, inputs, positions, slots, self._cache, length)[:, 0])
+        logp = self._decode(inputs, positions, slots, max(r.position for r in batch) + 1)   # [B, V]
         for request, row in zip(list(batch), logp):
             request.position += 1
             self._take_token(request, row)

@@ -5,7 +5,9 @@ import time
 import pytest
 import torch
 
+from cosyvoice import batching
 from cosyvoice.batching import BatchedLLM
+from cosyvoice.decode_graphs import StaticDecodeStep, batch_buckets, eager_decode_step
 from cosyvoice.errors import InputError
 from cosyvoice.loader import load_stage
 from cosyvoice.models.qwen_slots import SlotKVCache, forward_slots
@@ -44,9 +46,10 @@ def _run_concurrently(jobs):
 
 
 @pytest.mark.parity
-def test_batched_greedy_tokens_equal_the_reference(llm, reference):
+@pytest.mark.parametrize("static_decode", [False, True], ids=["eager", "static"])
+def test_batched_greedy_tokens_equal_the_reference(llm, reference, static_decode):
     ref = reference("llm")
-    batched = BatchedLLM(llm, max_batch=4, max_len=2048)
+    batched = BatchedLLM(llm, max_batch=4, max_len=1024, static_decode=static_decode)
     results = _run_concurrently([lambda layout=layout: list(batched.generate(*_inputs(ref, layout),
                                                                              sampling=greedy_sampling))
                                  for layout in LAYOUTS])
@@ -114,3 +117,50 @@ def test_padded_prefill_then_batched_decode_matches_the_reference(llm, reference
             hidden = forward_slots(body, inputs, (lengths + step)[:, None], slots, cache)[:, 0]
     for layout, tokens in zip(LAYOUTS, decoded):
         assert tokens == ref[f"{layout}_greedy_tokens"][:12].tolist(), layout
+
+
+def test_batch_buckets_cover_every_batch_size():
+    assert batch_buckets(1) == [1]
+    assert batch_buckets(8) == [1, 2, 4, 8]
+    assert batch_buckets(6) == [1, 2, 4, 6]
+
+
+def test_static_decode_step_equals_the_eager_step(llm, reference):
+    """Three requests padded to the bucket of 4 (the fourth row writes the scratch slot),
+    attention over the whole cache: the same log-probabilities as the eager step."""
+    ref = reference("llm")
+    body = llm.llm.model.model
+    with torch.inference_mode():
+        prompts = [llm.prompt_embeddings(*_inputs(ref, layout)) for layout in LAYOUTS]
+        cache = SlotKVCache(body, slots=5, max_len=256)
+        static = StaticDecodeStep(body, llm._log_probs, cache, scratch_slot=4, max_batch=4,
+                                  hidden_size=body.config.hidden_size)
+        eager = eager_decode_step(body, llm._log_probs, cache)
+        slots = torch.tensor([3, 0, 1])          # any free slots, in any order
+        positions = []
+        for slot, prompt in zip(slots.tolist(), prompts):
+            length = prompt.shape[1]
+            forward_slots(body, prompt, torch.arange(length)[None], torch.tensor([slot]), cache)   # prefill
+            positions.append(length)
+        tokens = torch.tensor([1, 2, 3])
+        for _ in range(4):
+            inputs = llm.speech_embedding(tokens)[:, None]                       # [3, 1, H]
+            at = torch.tensor(positions)[:, None]
+            expected = eager(inputs, at, slots, max(positions) + 1).clone()
+            actual = static(inputs, at, slots, max(positions) + 1)
+            assert actual.shape == expected.shape
+            assert float((actual - expected).abs().max()) < 1e-4
+            tokens = expected.argmax(dim=-1)
+            positions = [p + 1 for p in positions]
+
+
+def test_a_failed_setup_reaches_every_request(llm, reference, monkeypatch):
+    def no_memory(*args, **kwargs):
+        raise RuntimeError("out of memory (simulated)")
+
+    monkeypatch.setattr(batching, "SlotKVCache", no_memory)
+    batched = BatchedLLM(llm, max_batch=2, max_len=256)
+    ref = reference("llm")
+    for _ in range(2):   # the first request and a later one: none of them hangs
+        with pytest.raises(RuntimeError, match="simulated"):
+            list(batched.generate(*_inputs(ref, "zero_shot")))

@@ -1,0 +1,106 @@
+"""The batched LLM decode step on static shapes, replayed as CUDA graphs on a GPU.
+
+Eager decoding on a GPU is bound by kernel launches: one token of the 24-layer Qwen body is
+several hundred small kernels, each waiting on Python. A CUDA graph records them once and
+replays them with one launch. A graph needs fixed shapes and fixed addresses, so the step reads
+and writes static buffers, one set per batch bucket:
+
+    batch   padded up to the next bucket (1, 2, 4, 8, ...); padding rows write into the cache's
+            scratch slot, which no request owns or reads
+    length  attention spans the whole cache (max_len positions), masked per row
+
+Prefills keep their variable shapes and run eagerly. On a CPU (and in the tests) the same
+static step runs without graphs, so everything but the recording itself is checked there.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .models.qwen_slots import SlotKVCache, forward_slots
+
+# (inputs [B, 1, H], positions [B, 1], slots [B], length) -> log-probabilities [B, V]
+DecodeStep = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+
+def eager_decode_step(body: nn.Module, log_probs: Callable, cache: SlotKVCache) -> DecodeStep:
+    """The step as plain PyTorch, over just the `length` cache positions in use."""
+    def step(inputs, positions, slots, length):
+        return log_probs(forward_slots(body, inputs, positions, slots, cache, length)[:, 0])
+    return step
+
+
+def batch_buckets(max_batch: int) -> list[int]:
+    """1, 2, 4, ... up to and including max_batch."""
+    buckets = [1]
+    while buckets[-1] < max_batch:
+        buckets.append(min(2 * buckets[-1], max_batch))
+    return buckets
+
+
+@dataclass
+class _Buffers:
+    inputs: torch.Tensor      # [b, 1, H]
+    positions: torch.Tensor   # [b, 1] long
+    slots: torch.Tensor       # [b] long
+    output: torch.Tensor | None = None   # [b, V] log-probabilities, written by each run
+
+
+class StaticDecodeStep:
+    """A DecodeStep on static buffers; `record()` turns each bucket into a CUDA graph."""
+
+    def __init__(self, body: nn.Module, log_probs: Callable, cache: SlotKVCache, scratch_slot: int,
+                 max_batch: int, hidden_size: int):
+        self.body, self.log_probs, self.cache = body, log_probs, cache
+        self.scratch_slot = scratch_slot
+        device, dtype = cache.keys.device, cache.keys.dtype
+        self._buffers = {
+            size: _Buffers(torch.zeros(size, 1, hidden_size, device=device, dtype=dtype),
+                           torch.zeros(size, 1, device=device, dtype=torch.long),
+                           torch.full((size,), scratch_slot, device=device, dtype=torch.long))
+            for size in batch_buckets(max_batch)}
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+
+    def __call__(self, inputs: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                 length: int) -> torch.Tensor:
+        """As a DecodeStep; `length` is not needed (attention spans the whole cache)."""
+        rows = inputs.shape[0]
+        size = next(size for size in self._buffers if size >= rows)
+        buffers = self._buffers[size]
+        buffers.inputs[:rows].copy_(inputs)
+        buffers.positions[:rows].copy_(positions)
+        buffers.slots[:rows].copy_(slots)
+        buffers.inputs[rows:].zero_()                  # padding rows: position 0 of the scratch slot
+        buffers.positions[rows:].zero_()
+        buffers.slots[rows:].fill_(self.scratch_slot)
+        graph = self._graphs.get(size)
+        if graph is not None:
+            graph.replay()
+        else:
+            self._run(buffers)
+        return buffers.output[:rows]                   # read before the next step overwrites it
+
+    def _run(self, buffers: _Buffers) -> None:
+        hidden = forward_slots(self.body, buffers.inputs, buffers.positions, buffers.slots, self.cache,
+                               self.cache.max_len)
+        buffers.output = self.log_probs(hidden[:, 0])
+
+    def record(self) -> None:
+        """Records one CUDA graph per bucket (largest first, sharing one memory pool). The
+        buffers then point at padding only, so recording touches nothing but the scratch slot."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):                  # warm-up off the capture, as CUDA graphs need
+            for buffers in self._buffers.values():
+                self._run(buffers)
+        torch.cuda.current_stream().wait_stream(side)
+        pool = None
+        for size in sorted(self._buffers, reverse=True):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self._run(self._buffers[size])
+            pool = graph.pool()
+            self._graphs[size] = graph
