@@ -74,6 +74,13 @@ def test_settings_flags_override_environment_which_overrides_defaults():
     assert settings.api_key == "secret" and settings.host == "127.0.0.1" and settings.workers == 2
 
 
+@pytest.mark.parametrize("device, workers, resolved", [("cpu", "0", 2), ("cuda", "0", 8), ("cuda:0", "0", 8),
+                                                       ("cuda", "3", 3), ("cpu", "5", 5)])
+def test_auto_workers_batch_more_on_a_gpu(device, workers, resolved):
+    settings = Settings.from_args(["--model-dir", "m", "--device", device, "--workers", workers], environ={})
+    assert settings.workers == resolved
+
+
 @pytest.mark.parametrize("device, dtype, loaded", [("cpu", "auto", "float32"), ("cuda", "auto", "float16"),
                                                    ("cuda:1", "auto", "float16"), ("cuda", "bfloat16", "bfloat16"),
                                                    ("cpu", "float16", "float16")])
@@ -83,8 +90,8 @@ def test_auto_dtype_is_half_on_a_gpu_only(device, dtype, loaded):
 
 
 @pytest.mark.parametrize("argv", [[], ["--model-dir", "m", "--device", "tpu"], ["--model-dir", "m", "--port", "0"],
-                                  ["--model-dir", "m", "--workers", "0"], ["--model-dir", "m", "--port", "x"],
-                                  ["--model-dir", "m", "--dtype", "float64"]])
+                                  ["--model-dir", "m", "--port", "x"],
+                                  ["--model-dir", "m", "--dtype", "float64"], ["--model-dir", "m", "--workers", "-1"]])
 def test_settings_refuse_unusable_values(argv):
     with pytest.raises(SystemExit) as exit_info:
         Settings.from_args(argv, environ={})

@@ -41,10 +41,10 @@ def serial_torch_backend(model_dir: Path, device: torch.device, dtype: torch.dty
     return load_stage(model_dir, "llm", device, dtype)
 
 
-def torch_backend(model_dir: Path, device: torch.device, dtype: torch.dtype) -> LLMBackend:
-    """The PyTorch SpeechLM with continuous batching across concurrent requests."""
+def torch_backend(model_dir: Path, device: torch.device, dtype: torch.dtype, max_batch: int = 8) -> LLMBackend:
+    """The PyTorch SpeechLM with continuous batching across up to `max_batch` concurrent requests."""
     from ..batching import BatchedLLM
-    return BatchedLLM(load_stage(model_dir, "llm", device, dtype))
+    return BatchedLLM(load_stage(model_dir, "llm", device, dtype), max_batch=max_batch)
 
 
 def backend_factory(spec: str | BackendFactory) -> BackendFactory:

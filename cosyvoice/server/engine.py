@@ -13,6 +13,7 @@ client that leaves stops its generation within one chunk.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
@@ -92,8 +93,7 @@ class Engine:
                 dtype = self.settings.torch_dtype()
                 log.info("loading model from %s on %s (%s)", self.settings.model_dir, self.settings.device, dtype)
                 self.tts = cosyvoice.load(self.settings.model_dir, device=self.settings.device,
-                                          dtype=getattr(torch, dtype),
-                                          llm_backend=self.llm_backend)
+                                          dtype=getattr(torch, dtype), llm_backend=self._backend())
             self.voices.open(self.tts)
             self._warm_up()
         except BaseException as error:
@@ -121,6 +121,14 @@ class Engine:
                     on_failure(error)
         self._loader = threading.Thread(target=run, name="model-loader", daemon=True)
         self._loader.start()
+
+    def _backend(self):
+        """The LLM backend to load; the batched PyTorch one gets a slot per worker."""
+        from ..backends import torch_backend   # imports torch: only once loading starts
+
+        if self.llm_backend == "torch":
+            return functools.partial(torch_backend, max_batch=self.settings.workers)
+        return self.llm_backend
 
     def _warm_up(self) -> None:
         """Runs every stage once (prompt features, LLM, flow, vocoder) up to the first chunk, on a

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 ENV_PREFIX = "COSYVOICE_"
+DEFAULT_GPU_WORKERS = 8
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,9 @@ class Settings:
     api_key: str = field(default="", metadata={
         "help": "require this key (Authorization: Bearer or X-API-Key) on all but /health and /ready"})
     cors_origins: str = field(default="", metadata={"help": "comma-separated origins allowed by CORS; empty: CORS off"})
-    workers: int = field(default=2, metadata={"help": "requests synthesised at the same time"})
+    workers: int = field(default=0, metadata={
+        "help": "requests synthesised at the same time (their LLM steps and, on a GPU, flow passes are "
+                "batched); 0: 8 on a GPU, 2 on a CPU"})
     max_queue: int = field(default=16, metadata={"help": "requests waiting for a worker before 503"})
     max_text_chars: int = field(default=2000, metadata={"help": "longest text accepted"})
     max_upload_mb: float = field(default=25.0, metadata={"help": "largest request body (prompt upload) in MiB"})
@@ -67,6 +70,10 @@ class Settings:
                                 help=f"{setting.metadata['help']} (env {env_name})")
         # argparse converts string defaults (the environment's values) with `type` as well
         return cls(**vars(parser.parse_args(argv))).validated(parser)
+
+    def __post_init__(self):
+        if self.workers == 0:   # auto: a GPU runs a batch of 8 for about the cost of one request
+            object.__setattr__(self, "workers", 2 if self.device == "cpu" else DEFAULT_GPU_WORKERS)
 
     def torch_dtype(self) -> str:
         """The dtype name to load with. float16 on a GPU: of the two half types it stays closer to
