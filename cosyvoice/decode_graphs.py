@@ -100,7 +100,9 @@ class StaticDecodeStep:
         pool = None
         for size in sorted(self._buffers, reverse=True):
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            # thread_local: other threads (the flow, other requests' frontends) may keep using
+            # the GPU while this thread records
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
                 self._run(self._buffers[size])
             pool = graph.pool()
             self._graphs[size] = graph
