@@ -7,7 +7,7 @@ import torch
 
 from cosyvoice import batching
 from cosyvoice.batching import BatchedLLM
-from cosyvoice.decode_graphs import StaticDecodeStep, batch_buckets, eager_decode_step
+from cosyvoice.decode_graphs import StaticDecodeStep, batch_buckets, eager_decode_step, span_buckets
 from cosyvoice.errors import InputError
 from cosyvoice.loader import load_stage
 from cosyvoice.models.qwen_slots import SlotKVCache, forward_slots
@@ -123,25 +123,29 @@ def test_batch_buckets_cover_every_batch_size():
     assert batch_buckets(1) == [1]
     assert batch_buckets(8) == [1, 2, 4, 8]
     assert batch_buckets(6) == [1, 2, 4, 6]
+    assert span_buckets(4096) == [256, 512, 1024, 2048, 4096]
+    assert span_buckets(100) == [100]
 
 
 def test_static_decode_step_equals_the_eager_step(llm, reference):
-    """Three requests padded to the bucket of 4 (the fourth row writes the scratch slot),
-    attention over the whole cache: the same log-probabilities as the eager step."""
+    """Three requests padded to the bucket of 4 (the fourth row writes the scratch slot), one of
+    them far into the cache (attention over the 512-position span bucket): the same
+    log-probabilities as the eager step."""
     ref = reference("llm")
     body = llm.llm.model.model
     with torch.inference_mode():
         prompts = [llm.prompt_embeddings(*_inputs(ref, layout)) for layout in LAYOUTS]
-        cache = SlotKVCache(body, slots=5, max_len=256)
+        cache = SlotKVCache(body, slots=5, max_len=1024)
         static = StaticDecodeStep(body, llm._log_probs, cache, scratch_slot=4, max_batch=4,
                                   hidden_size=body.config.hidden_size)
         eager = eager_decode_step(body, llm._log_probs, cache)
         slots = torch.tensor([3, 0, 1])          # any free slots, in any order
         positions = []
-        for slot, prompt in zip(slots.tolist(), prompts):
-            length = prompt.shape[1]
-            forward_slots(body, prompt, torch.arange(length)[None], torch.tensor([slot]), cache)   # prefill
-            positions.append(length)
+        for slot, prompt, start in zip(slots.tolist(), prompts, (0, 300, 40)):
+            at = start + torch.arange(prompt.shape[1])[None]
+            forward_slots(body, prompt, at, torch.tensor([slot]), cache)   # prefill
+            positions.append(int(at[0, -1]) + 1)
+        assert 256 < max(positions) <= 512
         tokens = torch.tensor([1, 2, 3])
         for _ in range(4):
             inputs = llm.speech_embedding(tokens)[:, None]                       # [3, 1, H]
