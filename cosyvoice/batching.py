@@ -63,6 +63,7 @@ class BatchedLLM:
         self._waiting: queue.SimpleQueue[_Request] = queue.SimpleQueue()
         self._active: list[_Request] = []
         self._free_slots = list(range(max_batch))
+        self.step_sizes = [0] * (max_batch + 1)      # [n]: decode steps that advanced n requests
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
 
@@ -181,6 +182,7 @@ class BatchedLLM:
         positions = torch.tensor([[r.position] for r in batch], device=device)            # [B, 1]
         slots = torch.tensor([r.slot for r in batch], device=device)
         logp = self._decode(inputs, positions, slots, max(r.position for r in batch) + 1)   # [B, V]
+        self.step_sizes[len(batch)] += 1
         for request, row in zip(list(batch), logp):
             request.position += 1
             self._take_token(request, row)

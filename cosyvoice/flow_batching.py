@@ -42,6 +42,7 @@ class BatchedFlowDecoder:
         self.decoder = decoder
         self.max_batch = max_batch
         self._waiting: queue.SimpleQueue[_Call] = queue.SimpleQueue()
+        self.batch_sizes = [0] * (max_batch + 1)     # [n]: decoder runs that served n calls
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
 
@@ -80,6 +81,7 @@ class BatchedFlowDecoder:
                     self._serve(batch)
 
     def _serve(self, batch: list[_Call]) -> None:
+        self.batch_sizes[len(batch)] += 1
         try:
             mels = self._decode(batch)
         except Exception as error:   # each caller re-raises it; the worker carries on

@@ -89,6 +89,7 @@ def test_concurrent_callers_are_batched_and_each_gets_its_own_mel(flow, calls, s
         thread.join(timeout=120)
     assert sum(sizes) == 3 * len(calls)
     assert max(sizes) > 1, f"no call was batched: batch sizes {sizes}"
+    assert batched.batch_sizes == [sizes.count(n) for n in range(len(batched.batch_sizes))]
     for index, expected in enumerate(solo):
         assert float((results[index] - expected).abs().max()) < TOL
 

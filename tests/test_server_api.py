@@ -57,6 +57,8 @@ def test_metrics_are_prometheus_text(client):
                  "cosyvoice_rtf_bucket", "cosyvoice_queue_depth", "cosyvoice_active_generations",
                  "cosyvoice_ready 1.0"):
         assert name in text, name
+    steps = next(line for line in text.splitlines() if line.startswith("cosyvoice_llm_batch_size_count"))
+    assert float(steps.split()[-1]) > 0   # the LLM decode steps of that request
 
 
 def test_access_log_is_json_lines(server, client):

@@ -277,3 +277,16 @@ def test_repeated_requests_come_from_the_cache(tmp_path):
     again, again_cached = asyncio.run(speak())
     assert (first_cached, again_cached) == (False, True) and model.produced == 3
     assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
+
+
+def test_batch_sizes_are_exported_as_histograms():
+    metrics = Metrics()
+    llm_steps, flow_batches = [0, 3, 2], [0, 0, 0, 1]   # [n] = runs that served n requests
+    metrics.watch_batches(llm_steps, flow_batches)
+    llm_steps[1] += 1                                     # read at scrape time, not registration
+    text = metrics.render().decode()
+    for line in ('cosyvoice_llm_batch_size_bucket{le="1.0"} 4.0', 'cosyvoice_llm_batch_size_bucket{le="2.0"} 6.0',
+                 'cosyvoice_llm_batch_size_bucket{le="+Inf"} 6.0', "cosyvoice_llm_batch_size_count 6.0",
+                 "cosyvoice_llm_batch_size_sum 8.0", 'cosyvoice_flow_batch_size_bucket{le="3.0"} 1.0',
+                 "cosyvoice_flow_batch_size_sum 3.0"):
+        assert line in text, line

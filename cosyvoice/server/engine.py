@@ -94,6 +94,9 @@ class Engine:
                 log.info("loading model from %s on %s (%s)", self.settings.model_dir, self.settings.device, dtype)
                 self.tts = cosyvoice.load(self.settings.model_dir, device=self.settings.device,
                                           dtype=getattr(torch, dtype), llm_backend=self._backend())
+            synthesizer = getattr(self.tts, "synthesizer", None)   # absent on a stand-in model
+            self.metrics.watch_batches(getattr(getattr(synthesizer, "llm", None), "step_sizes", None),
+                                       getattr(getattr(synthesizer, "flow_decoder", None), "batch_sizes", None))
             self.voices.open(self.tts)
             self._warm_up()
         except BaseException as error:

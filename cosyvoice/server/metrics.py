@@ -1,7 +1,10 @@
 """Prometheus metrics of one app (own registry, so several apps can live in one process)."""
 from __future__ import annotations
 
+from typing import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import HistogramMetricFamily
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
 RTF_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
@@ -32,5 +35,33 @@ class Metrics:
                                   registry=r)
         self.ready = Gauge("cosyvoice_ready", "1 once the model is loaded and warmed", registry=r)
 
+    def watch_batches(self, llm_steps: list[int] | None, flow_batches: list[int] | None) -> None:
+        """Exports the batchers' own counts ([n] = runs that served n requests) at each scrape."""
+        sources = {"cosyvoice_llm_batch_size": ("requests advanced by each batched LLM decode step", llm_steps),
+                   "cosyvoice_flow_batch_size": ("requests served by each batched flow decoder run", flow_batches)}
+        self.registry.register(BatchSizes({name: (doc, counts) for name, (doc, counts) in sources.items()
+                                           if counts is not None}))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class BatchSizes:
+    """A Prometheus collector of batch-size histograms, read from lists the batchers keep
+    ([n] = how many runs had n rows); a list is only ever incremented, so reading it from the
+    scrape thread needs no lock."""
+
+    def __init__(self, sources: dict[str, tuple[str, list[int]]]):
+        self.sources = sources
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        for name, (doc, counts) in self.sources.items():
+            counts = list(counts)
+            buckets, cumulative = [], 0
+            for size, runs in enumerate(counts):
+                cumulative += runs
+                if size > 0:
+                    buckets.append((str(float(size)), cumulative))
+            buckets.append(("+Inf", cumulative))
+            total = sum(size * runs for size, runs in enumerate(counts))
+            yield HistogramMetricFamily(name, doc, buckets=buckets, sum_value=total)
