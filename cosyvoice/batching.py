@@ -110,6 +110,9 @@ class BatchedLLM:
     def _run(self) -> None:
         with torch.inference_mode():
             try:
+                device = self.llm.speech_embedding.weight.device
+                if device.type == "cuda":   # a new thread starts on GPU 0; streams and graphs follow it
+                    torch.cuda.set_device(device)
                 self._cache = SlotKVCache(self.body, self.max_batch + 1, self.max_len)   # + a scratch slot
                 self._decode = self._decode_step()
             except Exception as error:   # out of memory, say: every request, now and later, gets it

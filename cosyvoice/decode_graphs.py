@@ -112,11 +112,14 @@ class StaticDecodeStep:
                 self._run(size, span)
         torch.cuda.current_stream().wait_stream(side)
         pool = None
-        for size, span in buckets:
-            graph = torch.cuda.CUDAGraph()
-            # thread_local: other threads (the flow, other requests' frontends) may keep using
-            # the GPU while this thread records
-            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-                self._run(size, span)
-            pool = graph.pool()
-            self._graphs[size, span] = graph
+        # The outer context puts this thread back on its own stream even when a capture fails
+        # (torch.cuda.graph does not restore it then), so an eager fallback runs in order.
+        with torch.cuda.stream(torch.cuda.current_stream()):
+            for size, span in buckets:
+                graph = torch.cuda.CUDAGraph()
+                # thread_local: other threads (the flow, other requests' frontends) may keep
+                # using the GPU while this thread records
+                with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+                    self._run(size, span)
+                pool = graph.pool()
+                self._graphs[size, span] = graph

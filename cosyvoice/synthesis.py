@@ -60,6 +60,15 @@ class StreamState:
         return self.hop + (self.prompt_pad if self.chunks == 0 else 0)
 
 
+def _fork(generator: torch.Generator | None) -> torch.Generator | None:
+    """A new generator in the same state (None stays None: both then use torch's global one)."""
+    if generator is None:
+        return None
+    fork = torch.Generator(generator.device)
+    fork.set_state(generator.get_state())
+    return fork
+
+
 class Synthesizer:
     """Runs the three stages for one utterance; stateless, so one instance serves all threads."""
 
@@ -93,10 +102,16 @@ class Synthesizer:
 
         `speed` (> 0) stretches the mel in time and applies only with stream=False.
         """
+        # The LLM draws from its own copy of the generator: a batched LLM samples on its scheduler
+        # thread while this thread draws the vocoder's noise, and sharing one generator would
+        # make their order, and so a seeded result, depend on timing.
+        llm_generator = _fork(generator)
         tokens_in = iter(source_tokens) if source_tokens is not None else \
-            self.tokens(request, generator, sampling)
+            self.tokens(request, llm_generator, sampling)
         if not stream:
             tokens = list(tokens_in)
+            if generator is not None:   # the vocoder goes on where the LLM stopped, as with one generator
+                generator.set_state(llm_generator.get_state())
             yield self._render(request, tokens, 0, None, finalize=True, speed=speed, generator=generator)[0]
             return
 

@@ -1,5 +1,6 @@
 """The inference API: modes, voices, streaming, concurrency and clear input errors."""
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -161,3 +162,23 @@ def test_sft_speakers_from_spk2info(model_dir, tmp_path, voice):
     assert list(tts.speakers) == ["narrator"]
     audio = _speak(tts.sft(SHORT_TEXT, "narrator", seed=4))
     assert len(audio) > 0 and np.isfinite(audio).all()
+
+
+def test_a_seeded_stream_does_not_depend_on_the_llm_pace(tts, voice):
+    """The batched LLM samples on its own thread while the reader's thread draws the vocoder's
+    noise: whether the LLM finishes before the first chunk is rendered or long after must not
+    change the seeded audio."""
+    sample = tts.synthesizer.llm.llm.sampling      # the SpeechLM's own sampler, behind the batcher
+    text = "Nice to meet you. This is a longer sentence for the streaming test."   # two chunks
+    request = ModelInput(tts._segments(text, True)[0], voice.prompt_text_ids, voice.speech_tokens,
+                         voice.speech_tokens, voice.speech_feat, voice.embedding)
+
+    def speak(seconds_per_token):
+        def paced(logp, decoded, generator=None):
+            time.sleep(seconds_per_token)
+            return sample(logp, decoded, generator=generator)
+        return _speak(tts.synthesizer.synthesize(request, stream=True, sampling=paced,
+                                                 generator=torch.Generator().manual_seed(5)))
+
+    fast, slow = speak(0.0), speak(0.04)   # 0.04 s: still sampling while the first chunk renders
+    assert fast.shape == slow.shape and np.array_equal(fast, slow)

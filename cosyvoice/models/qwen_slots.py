@@ -63,7 +63,8 @@ def _attention(attention: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, si
     q = q.reshape(batch, kv_heads, groups * steps, head_dim)
     out = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible.repeat(1, 1, groups, 1),
                                          scale=attention.scaling)
-    out = out.view(batch, kv_heads * groups, steps, head_dim)                  # [B, Hq, T, D]
+    # reshape, not view: on CUDA the memory-efficient kernel returns a transposed layout
+    out = out.reshape(batch, kv_heads * groups, steps, head_dim)               # [B, Hq, T, D]
     return attention.o_proj(out.transpose(1, 2).reshape(batch, steps, -1))
 
 

@@ -201,8 +201,11 @@ class CausalConditionalDecoder(nn.Module):
                 rows_streaming = streaming.to(mask.device)
                 chunk = chunk_attention_mask(length, self.static_chunk_size, mask.device)
                 allowed = allowed & (chunk | ~rows_streaming[:, None, None, None])
-        bias = torch.zeros(allowed.shape, dtype=mask.dtype, device=mask.device)
-        return bias.masked_fill(~allowed, float("-inf"))
+        # Stored with its last dim padded to a multiple of 16 and sliced back: CUDA's memory-efficient
+        # attention needs that alignment and would otherwise copy the bias on every call.
+        aligned = -(-length // 16) * 16
+        bias = torch.zeros(*allowed.shape[:-1], aligned, dtype=mask.dtype, device=mask.device)[..., :length]
+        return bias.masked_fill_(~allowed, float("-inf"))
 
     @staticmethod
     def _resnet_transformers(resnet: nn.Module, transformers: nn.ModuleList, x: Tensor, mask: Tensor,
