@@ -23,7 +23,7 @@ import torch
 
 from .decode_graphs import DecodeStep, StaticDecodeStep, eager_decode_step
 from .errors import InputError
-from .models.llm import SpeechLM
+from .models.llm import MAX_TOKEN_TEXT_RATIO, MIN_TOKEN_TEXT_RATIO, SpeechLM
 from .models.qwen_slots import SlotKVCache, forward_slots
 
 log = logging.getLogger("cosyvoice.batching")
@@ -69,8 +69,9 @@ class BatchedLLM:
 
     def generate(self, text_ids: torch.Tensor, prompt_text_ids: torch.Tensor,
                  prompt_speech_tokens: torch.Tensor, *, sampling: Callable[..., int] | None = None,
-                 generator: torch.Generator | None = None, min_token_text_ratio: float = 2,
-                 max_token_text_ratio: float = 20) -> Iterator[int]:
+                 generator: torch.Generator | None = None,
+                 min_token_text_ratio: float = MIN_TOKEN_TEXT_RATIO,
+                 max_token_text_ratio: float = MAX_TOKEN_TEXT_RATIO) -> Iterator[int]:
         """Yields speech tokens as the scheduler produces them (see SpeechLM.generate)."""
         n_text = text_ids.shape[1]
         with torch.inference_mode():

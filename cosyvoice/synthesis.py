@@ -15,7 +15,7 @@ start of the prompt tokens.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Callable, Iterator
 
 import numpy as np
@@ -37,6 +37,9 @@ class ModelInput:
     flow_prompt_tokens: torch.Tensor  # int [1, P] speech tokens of the flow's prompt
     prompt_feat: torch.Tensor         # float [1, ratio * P, n_mels] the flow's prompt mel
     embedding: torch.Tensor           # float [1, D] speaker vector
+
+    def to(self, device: torch.device) -> "ModelInput":
+        return ModelInput(*(getattr(self, f.name).to(device) for f in fields(self)))
 
 
 @dataclass
@@ -83,7 +86,7 @@ class Synthesizer:
         self.cache_samples = VOCODER_CACHE_FRAMES * hift.samples_per_frame
         # Symmetric Hamming window over two cache lengths: rising half fades the new chunk in,
         # falling half fades the previous tail out (the halves sum to about 1.08, as in the reference).
-        self.fade_window = torch.from_numpy(np.hamming(2 * self.cache_samples).astype(np.float32))
+        self.fade_window = torch.from_numpy(np.hamming(2 * self.cache_samples).astype(np.float32)).to(self.device)
 
     @property
     def device(self) -> torch.device:
@@ -106,6 +109,7 @@ class Synthesizer:
         # thread while this thread draws the vocoder's noise, and sharing one generator would
         # make their order, and so a seeded result, depend on timing.
         llm_generator = _fork(generator)
+        request = request.to(self.device)   # once, not per chunk (voices are kept on the CPU)
         tokens_in = iter(source_tokens) if source_tokens is not None else \
             self.tokens(request, llm_generator, sampling)
         if not stream:
@@ -144,11 +148,9 @@ class Synthesizer:
         A non-final call runs the flow with chunk attention and holds the last `lookahead` tokens
         back as right context; the final call uses full attention over every token.
         """
-        device = self.device
-        token_tensor = torch.tensor([tokens], dtype=torch.int32, device=device)
-        mel = self.flow.inference(token_tensor, request.flow_prompt_tokens.to(device),
-                                  request.prompt_feat.to(device), request.embedding.to(device),
-                                  streaming=not finalize, finalize=finalize, decoder=self.flow_decoder)
+        token_tensor = torch.tensor([tokens], dtype=torch.int32, device=self.device)
+        mel = self.flow.inference(token_tensor, request.flow_prompt_tokens, request.prompt_feat,
+                                  request.embedding, streaming=not finalize, finalize=finalize, decoder=self.flow_decoder)
         mel = mel[:, :, token_offset * self.mel_ratio:]          # [1, n_mels, T_new]
         cache_source = None
         if cache is not None:
@@ -170,7 +172,7 @@ class Synthesizer:
     def _cross_fade(self, speech: torch.Tensor, previous_tail: torch.Tensor) -> torch.Tensor:
         """speech [1, S]: its first samples fade in while the previous chunk's tail fades out."""
         n = previous_tail.shape[1]
-        window = self.fade_window.to(speech.device)
+        window = self.fade_window                            # [2 * cache_samples]
         speech = speech.clone()
         speech[:, :n] = speech[:, :n] * window[:n] + previous_tail * window[n:]
         return speech

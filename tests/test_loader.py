@@ -42,6 +42,14 @@ def test_fixture_directory_loads_every_stage(model_dir):
         assert not module.training
 
 
+def test_loaded_llm_keeps_one_tied_embedding_and_head(model_dir):
+    """Built on meta then materialised, the Qwen body must still share its token embedding with
+    its (unused) text head, as the config ties them, instead of holding a second copy."""
+    qwen = load_stage(model_dir, "llm").llm.model
+    assert qwen.config.tie_word_embeddings
+    assert qwen.lm_head.weight.data_ptr() == qwen.model.embed_tokens.weight.data_ptr()
+
+
 def test_missing_directory(tmp_path):
     with pytest.raises(ModelDirError, match="does not exist"):
         check_model_dir(tmp_path / "nowhere")

@@ -121,8 +121,8 @@ def test_concurrent_requests_match_their_solo_runs(model, voice, request):
         assert error < CONCURRENT_AUDIO_TOL, seed
     # the tolerance tells requests apart: another seed's audio is much further off
     for seed, other in zip(seeds, seeds[1:]):
-        if solo[seed].shape == solo[other].shape:
-            assert float(np.abs(solo[seed] - solo[other]).max()) > 10 * CONCURRENT_AUDIO_TOL
+        shared = min(len(solo[seed]), len(solo[other]))
+        assert float(np.abs(solo[seed][:shared] - solo[other][:shared]).max()) > 10 * CONCURRENT_AUDIO_TOL
 
 
 @pytest.mark.parametrize("call, message", [

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..loader import CHECKPOINTS, QWEN_DIR
+from ..models.llm import MAX_TOKEN_TEXT_RATIO
 
 ENGINE_MARK = "cosyvoice_engine.json"
 # Longest prompt parts the limits allow for: the reference tokenizer takes at most 30 s of prompt
@@ -26,7 +27,6 @@ ENGINE_MARK = "cosyvoice_engine.json"
 PROMPT_SPEECH_TOKENS = 30 * 25
 PROMPT_TEXT_TOKENS = 400
 OUTPUT_CAP = 4096              # speech tokens per segment: 164 s of audio
-MAX_TOKEN_TEXT_RATIO = 20      # the reference's max_len per text token (spec 4.2)
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,7 @@ import torch
 from ..config import YamlConfig
 from ..loader import YAML_NAME, read_config
 from ..models import registry
+from ..models.llm import MAX_TOKEN_TEXT_RATIO, MIN_TOKEN_TEXT_RATIO
 from .engine_cache import (BuildLimits, EngineKey, engine_dir, engine_is_complete, export_dir,
                            mark_complete)
 from .hf_export import ExportInfo, export_model_dir
@@ -56,7 +57,6 @@ from .vocab import MergedVocab
 
 log = logging.getLogger("cosyvoice.backends.trtllm")
 
-MIN_TOKEN_TEXT_RATIO, MAX_TOKEN_TEXT_RATIO = 2, 20   # the reference's length limits (spec 4.2)
 SERVER_DEFAULT_LIMITS = BuildLimits.for_server(workers=2, max_text_chars=2000)
 NOT_INSTALLED = ("TensorRT-LLM is not installed in this environment (it needs a CUDA 12 wheel "
                  "from NVIDIA's package index, Python 3.10 or 3.12); use server.py for the "

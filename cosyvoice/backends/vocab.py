@@ -17,8 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..models.llm import N_STOP_TOKENS
+
 ROW_MULTIPLE = 128
-N_STOP_TOKENS = 3
 STOP_NAMES = ("<|eos1|>", "<|eos2|>", "<|eos3|>")
 SOS_NAME, TASK_ID_NAME = "<|sos|>", "<|task_id|>"
 

@@ -10,6 +10,7 @@ state, so one extractor can serve every request.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,13 +102,14 @@ class PromptFeatureExtractor:
     def extract(self, samples: np.ndarray, sample_rate: int) -> PromptFeatures:
         """All three features of mono audio [N], with tokens and mel trimmed to match each other.
 
-        Each feature is computed from the original audio resampled straight to the rate it needs.
+        Each feature is computed from the original audio resampled straight to the rate it needs
+        (once per rate: the tokenizer and the speaker encoder both take 16 kHz).
         """
         check_prompt(samples, sample_rate)
-        samples_16k = resample(samples, sample_rate, WHISPER_SAMPLE_RATE)
-        tokens = self.speech_tokens(samples_16k)
-        embedding = self.speaker_embedding(resample(samples, sample_rate, FBANK_SAMPLE_RATE))
-        feat = self.speech_feat(resample(samples, sample_rate, self.mel_params.sampling_rate))
+        at_rate = functools.cache(lambda rate: resample(samples, sample_rate, rate))
+        tokens = self.speech_tokens(at_rate(WHISPER_SAMPLE_RATE))
+        embedding = self.speaker_embedding(at_rate(FBANK_SAMPLE_RATE))
+        feat = self.speech_feat(at_rate(self.mel_params.sampling_rate))
         # Keep whole tokens only: the mel must be exactly token_mel_ratio frames per token.
         n = min(feat.shape[1] // self.token_mel_ratio, tokens.shape[1])
         return PromptFeatures(tokens[:, :n], embedding, feat[:, : n * self.token_mel_ratio])

@@ -19,6 +19,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 SOS_ROW, TASK_ID_ROW = 0, 1
 N_STOP_TOKENS = 3  # EOS, a second stop id, and the FILL id used by bidirectional streaming
+MIN_TOKEN_TEXT_RATIO, MAX_TOKEN_TEXT_RATIO = 2, 20   # speech tokens per text token (spec 4.2)
 
 
 class QwenBody(nn.Module):
@@ -43,6 +44,7 @@ class QwenBody(nn.Module):
         with torch.device("meta"):
             model = Qwen2ForCausalLM(config)
         model.to_empty(device="cpu")
+        model.tie_weights()   # to_empty unties them: keep one copy of the shared embedding/head matrix
         # The rotary frequencies are computed, not loaded: build them for real.
         model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
         self.model = model
@@ -113,8 +115,9 @@ class SpeechLM(nn.Module):
     @torch.inference_mode()
     def generate(self, text_ids: torch.Tensor, prompt_text_ids: torch.Tensor,
                  prompt_speech_tokens: torch.Tensor, *, sampling: Callable[..., int] | None = None,
-                 generator: torch.Generator | None = None, min_token_text_ratio: float = 2,
-                 max_token_text_ratio: float = 20) -> Iterator[int]:
+                 generator: torch.Generator | None = None,
+                 min_token_text_ratio: float = MIN_TOKEN_TEXT_RATIO,
+                 max_token_text_ratio: float = MAX_TOKEN_TEXT_RATIO) -> Iterator[int]:
         """Yields speech tokens one by one until a stop token or the length limit.
 
         The limits count only the text to speak (`text_ids`, not the prompt text): at least

@@ -41,7 +41,8 @@ def _attention(attention: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, si
                cache: SlotKVCache, layer: int, slots: torch.Tensor, positions: torch.Tensor,
                visible: torch.Tensor) -> torch.Tensor:
     """Self-attention of `hidden` [B, T, H] at `positions` [B, T], writing into the slots' cache;
-    visible [B, 1, T, L] says which of the first L cache positions each query sees."""
+    visible [B, 1, groups * T, L] says which of the first L cache positions each query sees (its
+    rows repeat per query head sharing a kv head, the layout q takes below)."""
     batch, steps, _ = hidden.shape
     head_dim = attention.head_dim
     q = attention.q_proj(hidden).view(batch, steps, -1, head_dim).transpose(1, 2)   # [B, Hq, T, D]
@@ -61,8 +62,7 @@ def _attention(attention: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, si
     kv_heads = keys.shape[1]
     groups = q.shape[1] // kv_heads
     q = q.reshape(batch, kv_heads, groups * steps, head_dim)
-    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible.repeat(1, 1, groups, 1),
-                                         scale=attention.scaling)
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, scale=attention.scaling)
     # reshape, not view: on CUDA the memory-efficient kernel returns a transposed layout
     out = out.reshape(batch, kv_heads * groups, steps, head_dim)               # [B, Hq, T, D]
     return attention.o_proj(out.transpose(1, 2).reshape(batch, steps, -1))
@@ -76,8 +76,10 @@ def forward_slots(body: nn.Module, inputs_embeds: torch.Tensor, positions: torch
     `length` = max(positions) + 1, when the caller knows it without asking the device."""
     if length is None:
         length = int(positions.max()) + 1
-    # a query at position p sees cache positions 0..p of its own slot
+    # a query at position p sees cache positions 0..p of its own slot; [B, 1, groups * T, L]
     visible = torch.arange(length, device=positions.device)[None, None, None, :] <= positions[:, None, :, None]
+    config = body.config
+    visible = visible.repeat(1, 1, config.num_attention_heads // config.num_key_value_heads, 1)
     cos, sin = body.rotary_emb(inputs_embeds, positions)                      # [B, T, D] each
     x = inputs_embeds
     for index, layer in enumerate(body.layers):

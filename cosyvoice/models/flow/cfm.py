@@ -56,11 +56,12 @@ class CausalConditionalCFM(nn.Module):
         spks_in = torch.cat([spks, torch.zeros_like(spks)])
         cond_in = torch.cat([cond, torch.zeros_like(cond)])
         streaming_in = streaming if isinstance(streaming, bool) else torch.cat([streaming, streaming])
+        bias = self.estimator.attention_bias(mask_in, streaming_in)
 
         t, dt = grid[0], grid[1] - grid[0]
         for step in range(1, n_timesteps + 1):
             velocity = self.estimator(torch.cat([x, x]), mask_in, mu_in, t.expand(2 * batch), spks_in, cond_in,
-                                      streaming=streaming_in)
+                                      bias)
             v_cond, v_uncond = velocity[:batch], velocity[batch:]
             x = x + dt * ((1 + self.cfg_rate) * v_cond - self.cfg_rate * v_uncond)
             t = t + dt

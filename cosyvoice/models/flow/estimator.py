@@ -181,7 +181,7 @@ class CausalConditionalDecoder(nn.Module):
         self.final_block = CausalBlock1D(width, width)
         self.final_proj = nn.Conv1d(width, out_channels, 1)
 
-    def _attention_bias(self, mask: Tensor, streaming: bool | Tensor) -> Tensor | None:
+    def attention_bias(self, mask: Tensor, streaming: bool | Tensor) -> Tensor | None:
         """Additive attention bias (0 = allowed, -inf = blocked), or None for full attention.
 
         A bool `streaming` means one request without padding (plus its unconditioned copy): it
@@ -217,13 +217,13 @@ class CausalConditionalDecoder(nn.Module):
         return x.transpose(1, 2)
 
     def forward(self, x: Tensor, mask: Tensor, mu: Tensor, t: Tensor, spks: Tensor, cond: Tensor,
-                streaming: bool | Tensor = False) -> Tensor:
-        # x, mu, cond [B, 80, T]; mask [B, 1, T]; t [B]; spks [B, 80]; streaming bool or [B] bool
+                bias: Tensor | None) -> Tensor:
+        # x, mu, cond [B, 80, T]; mask [B, 1, T]; t [B]; spks [B, 80]; bias from attention_bias()
+        # (the same for every step of an integration, so the caller builds it once)
         # -> [B, out_channels, T], zero on padded frames
         t_emb = self.time_mlp(timestep_embedding(t, self.in_channels))  # [B, time_dim]
         spks = spks[:, :, None].expand(-1, -1, x.shape[-1])
         h = torch.cat([x, mu, spks, cond], dim=1)  # [B, in_channels, T]
-        bias = self._attention_bias(mask, streaming)
 
         resnet, transformers, conv = self.down_blocks[0]
         h = self._resnet_transformers(resnet, transformers, h, mask, t_emb, bias)
