@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+import av
 import httpx
 import numpy as np
 import soundfile as sf
@@ -27,7 +28,10 @@ ALLOWED_ORIGIN = "http://allowed.example"
 MAX_TEXT_CHARS = 500
 MAX_UPLOAD_MB = 24
 WORKERS, MAX_QUEUE = 2, 4
+RATE = 24000                                 # the tiny model's sample rate
 SHORT = {"text": "Hi.", "seed": 3}           # about 0.3 s of audio from the tiny model
+# zero_shot in 'alice' with this seed gives three model chunks (about 3.7 s of audio)
+STREAMING = {"text": "One two three four five six.", "seed": 3}
 START_TIMEOUT_S = 240
 
 def free_port() -> int:
@@ -135,6 +139,19 @@ def wav_bytes(samples: np.ndarray, rate: int) -> bytes:
     buffer = io.BytesIO()
     sf.write(buffer, samples, rate, format="WAV", subtype="PCM_16")
     return buffer.getvalue()
+
+
+def decode(fmt: str, data: bytes, streamed: bool) -> tuple[np.ndarray, int]:
+    """Audio bytes -> (samples, rate): soundfile where it can tell the length, else PyAV."""
+    if fmt == "pcm":
+        assert len(data) % 2 == 0
+        return np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768, RATE
+    if fmt == "aac" or (fmt == "flac" and streamed):   # a streamed FLAC header has no length
+        with av.open(io.BytesIO(data)) as container:
+            frames = list(container.decode(audio=0))
+        return np.concatenate([frame.to_ndarray().reshape(-1) for frame in frames]), frames[0].sample_rate
+    samples, rate = sf.read(io.BytesIO(data), dtype="float32")
+    return samples, rate
 
 
 def assert_json_error(response: httpx.Response, status: int | None = None) -> str:

@@ -7,8 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from server_harness import SHORT, assert_json_error, wait_for
-from test_server_api import RATE, STREAMING, decode
+from server_harness import RATE, SHORT, STREAMING, assert_json_error, decode, wait_for
 
 # long enough to still be generating when the client hangs up; a seed of its own so that no
 # other test has put it in the response cache (a cached answer has nothing to cancel)

@@ -4,31 +4,13 @@ from __future__ import annotations
 import io
 import json
 
-import av
 import httpx
 import numpy as np
 import pytest
 import soundfile as sf
 
-from server_harness import (ALLOWED_ORIGIN, API_KEY, SHORT, assert_json_error, prompt_files,
-                                 wait_for)
-
-RATE = 24000
-# zero_shot in 'alice' with this seed gives three model chunks (about 3.7 s of audio)
-STREAMING = {"text": "One two three four five six.", "seed": 3}
-
-
-def decode(fmt: str, data: bytes, streamed: bool) -> tuple[np.ndarray, int]:
-    """Audio bytes -> (samples, rate): soundfile where it can tell the length, else PyAV."""
-    if fmt == "pcm":
-        assert len(data) % 2 == 0
-        return np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768, RATE
-    if fmt == "aac" or (fmt == "flac" and streamed):   # a streamed FLAC header has no length
-        with av.open(io.BytesIO(data)) as container:
-            frames = list(container.decode(audio=0))
-        return np.concatenate([frame.to_ndarray().reshape(-1) for frame in frames]), frames[0].sample_rate
-    samples, rate = sf.read(io.BytesIO(data), dtype="float32")
-    return samples, rate
+from server_harness import (ALLOWED_ORIGIN, API_KEY, RATE, SHORT, STREAMING, assert_json_error, decode,
+                            prompt_files, wait_for)
 
 
 def stream_pieces(client: httpx.Client, method: str, path: str, **kwargs) -> tuple[httpx.Response, list[bytes]]:
@@ -50,15 +32,17 @@ def test_health_ready_and_banner_need_no_key(server):
     assert f"http://127.0.0.1:{server.port}" in banner and str(server.port) in banner
 
 
-def test_metrics_are_prometheus_text(client):
-    client.post("/tts", data=SHORT)
+def test_metrics_are_prometheus_text(server, client):
+    steps_before = server.metric("cosyvoice_llm_batch_size_count")
+    # a text no other test sends, so the response cache cannot answer it without the LLM
+    spoken = client.post("/tts", data={**SHORT, "text": "Metrics count this."})
+    assert spoken.status_code == 200, spoken.text
     text = client.get("/metrics").text
     for name in ("cosyvoice_requests_total", "cosyvoice_errors_total", "cosyvoice_first_chunk_seconds_bucket",
                  "cosyvoice_rtf_bucket", "cosyvoice_queue_depth", "cosyvoice_active_generations",
                  "cosyvoice_ready 1.0"):
         assert name in text, name
-    steps = next(line for line in text.splitlines() if line.startswith("cosyvoice_llm_batch_size_count"))
-    assert float(steps.split()[-1]) > 0   # the LLM decode steps of that request
+    assert server.metric("cosyvoice_llm_batch_size_count") > steps_before   # that request's LLM steps
 
 
 def test_access_log_is_json_lines(server, client):
@@ -225,6 +209,14 @@ def test_openai_speed_changes_the_length(client):
         assert response.status_code == 200, response.text
         return len(response.content) / 2 / RATE
     assert seconds(2.0) < seconds(1.0) * 0.7
+
+
+def test_a_seed_beyond_64_bits_is_a_400_in_each_familys_shape(client):
+    native = client.post("/tts", data={**SHORT, "seed": str(2**64)})
+    assert "seed" in assert_json_error(native, 400) and "detail" in native.json()
+    openai = client.post("/v1/audio/speech", json={"input": SHORT["text"], "voice": "alice", "seed": 2**64})
+    assert "seed" in assert_json_error(openai, 400)
+    assert openai.json()["error"]["type"] == "invalid_request_error"
 
 
 def test_api_key_is_accepted_as_bearer(server):

@@ -86,6 +86,8 @@ BAD_INPUTS = [
     ("upstream-json-content-type", lambda c, p: c.post("/inference_sft", json={"tts_text": "Hi."}), 415),
     ("upstream-unknown-speaker", lambda c, p: c.get("/inference_sft",
                                                     params={"tts_text": "Hi.", "spk_id": "nobody"}), 400),
+    ("upstream-negative-seed", lambda c, p: c.get("/inference_sft", params={
+        "tts_text": "Hi.", "spk_id": "alice", "seed": "-1"}), 400),
     ("upstream-missing-text", lambda c, p: c.get("/inference_sft", params={"spk_id": "alice"}), 422),
     ("upstream-speed-not-a-number", lambda c, p: c.get("/inference_sft", params={
         "tts_text": "Hi.", "spk_id": "alice", "speed": "fast"}), 422),

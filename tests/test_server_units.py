@@ -16,9 +16,11 @@ import torch
 
 from cosyvoice import InputError, Voice
 from cosyvoice.server.audio_encoding import available_formats, encode_whole, stream_encoder
-from cosyvoice.server.engine import Engine, Job
+from cosyvoice.server import responses
+from cosyvoice.server.engine import Engine, Generation, Job
 from cosyvoice.server.errors import ApiError, Overloaded
 from cosyvoice.server.metrics import Metrics
+from cosyvoice.server.responses import audio_response
 from cosyvoice.server.settings import Settings
 from cosyvoice.server.voices import VoiceStore, check_name
 
@@ -91,7 +93,8 @@ def test_auto_dtype_is_half_on_a_gpu_only(device, dtype, loaded):
 
 @pytest.mark.parametrize("argv", [[], ["--model-dir", "m", "--device", "tpu"], ["--model-dir", "m", "--port", "0"],
                                   ["--model-dir", "m", "--port", "x"],
-                                  ["--model-dir", "m", "--dtype", "float64"], ["--model-dir", "m", "--workers", "-1"]])
+                                  ["--model-dir", "m", "--dtype", "float64"], ["--model-dir", "m", "--workers", "-1"],
+                                  ["--model-dir", "m", "--log-level", "verbose"]])
 def test_settings_refuse_unusable_values(argv):
     with pytest.raises(SystemExit) as exit_info:
         Settings.from_args(argv, environ={})
@@ -198,6 +201,22 @@ def test_default_voice_and_delete(tmp_path):
     assert error.value.status == 404
 
 
+@pytest.mark.parametrize("imported", [True, False], ids=["imported", "registered"])
+def test_a_prompt_file_removed_from_disk_is_a_404(tmp_path, imported):
+    folder = tmp_path / "voices"
+    folder.mkdir()
+    if imported:
+        sf.write(folder / "[alice]Hello..wav", tone(), 16000)
+    store = VoiceStore(folder)
+    store.open(FakeModel())
+    if not imported:
+        store.register(FakeModel(), "alice", "Hello.", wav_bytes(tone(), 16000))
+    store.audio_path("alice").unlink()
+    with pytest.raises(ApiError) as error:
+        store.audio_path("alice")
+    assert error.value.status == 404 and "alice" in error.value.message
+
+
 def test_silent_prompt_is_refused(tmp_path):
     store = VoiceStore(tmp_path)
     with pytest.raises(InputError, match="silent"):
@@ -277,6 +296,30 @@ def test_repeated_requests_come_from_the_cache(tmp_path):
     again, again_cached = asyncio.run(speak())
     assert (first_cached, again_cached) == (False, True) and model.produced == 3
     assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
+
+
+class FakeRequest:
+    def __init__(self, gone: bool):
+        self.gone = gone
+
+    async def is_disconnected(self) -> bool:
+        return self.gone
+
+
+@pytest.mark.parametrize("gone", [False, True], ids=["stayed", "left"])
+def test_a_whole_response_is_encoded_only_for_a_client_still_there(monkeypatch, gone):
+    encoded = []
+
+    def encode_whole_spy(fmt, audio, sample_rate):
+        encoded.append(len(audio))
+        return b"audio"
+    monkeypatch.setattr(responses, "encode_whole", encode_whole_spy)
+    generation = Generation.from_cache([np.zeros(RATE // 10, dtype=np.float32)] * 3)
+    response = asyncio.run(audio_response(FakeRequest(gone), generation, "mp3", RATE, stream=False))
+    if gone:
+        assert response.status_code == 499 and encoded == []
+    else:
+        assert response.status_code == 200 and response.body == b"audio" and encoded == [3 * RATE // 10]
 
 
 def test_batch_sizes_are_exported_as_histograms():

@@ -12,6 +12,7 @@ waveform with exact headers, for responses that are not streamed.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import io
 import struct
@@ -32,10 +33,12 @@ SOUNDFILE_FORMATS = {
 OPEN_ENDED = 0xFFFFFFFF
 
 
-def available_formats() -> list[str]:
-    formats = ["wav", "pcm", "mp3", "opus", "flac"]
+@functools.cache
+def available_formats() -> tuple[str, ...]:
+    """Looked up once: installing PyAV takes a restart anyway, and requests ask several times."""
+    formats = ("wav", "pcm", "mp3", "opus", "flac")
     if importlib.util.find_spec("av") is not None:
-        formats.append("aac")
+        formats += ("aac",)
     return formats
 
 

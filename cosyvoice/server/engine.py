@@ -67,8 +67,6 @@ class Engine:
         self.tts = tts
         self.llm_backend = llm_backend
         self.state = "loading"            # loading -> ready | failed
-        self.load_error: BaseException | None = None
-        self.loaded = threading.Event()   # set when state leaves "loading"
         self._loader: threading.Thread | None = None
         self.cache = ResponseCache(int(settings.cache_mb * 1024 * 1024))
         self._executor = ThreadPoolExecutor(settings.workers, thread_name_prefix="synth")
@@ -99,12 +97,9 @@ class Engine:
                                        getattr(getattr(synthesizer, "flow_decoder", None), "batch_sizes", None))
             self.voices.open(self.tts)
             self._warm_up()
-        except BaseException as error:
-            self.load_error = error
+        except BaseException:
             self.state = "failed"
             raise
-        finally:
-            self.loaded.set()
         self.state = "ready"
         self.metrics.ready.set(1)
         log.info("model ready (sample rate %d Hz)", self.sample_rate)

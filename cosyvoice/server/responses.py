@@ -5,9 +5,12 @@ import numpy as np
 from fastapi import Request, Response
 from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
+from starlette.concurrency import run_in_threadpool
 
 from .audio_encoding import MEDIA_TYPES, encode_whole, stream_encoder
 from .engine import Generation
+
+CLIENT_CLOSED_REQUEST = 499   # nginx's status for a client that left before the answer
 
 
 def audio_headers(fmt: str, sample_rate: int, from_cache: bool) -> dict[str, str]:
@@ -27,11 +30,16 @@ async def audio_response(request: Request, generation: Generation, fmt: str, sam
                                  media_type=MEDIA_TYPES[fmt], headers=headers,
                                  background=BackgroundTask(generation.close))
     audio = await collect(request, generation)
-    return Response(encode_whole(fmt, audio, sample_rate), media_type=MEDIA_TYPES[fmt], headers=headers)
+    if audio is None:
+        # nobody will read it, so skip the encoding; 499 as the access log counts a hang-up
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+    # mp3 or opus of a long text takes seconds: off the event loop, other requests keep going
+    body = await run_in_threadpool(encode_whole, fmt, audio, sample_rate)
+    return Response(body, media_type=MEDIA_TYPES[fmt], headers=headers)
 
 
-async def collect(request: Request, generation: Generation) -> np.ndarray:
-    """Every chunk, concatenated; stops early if the client has gone."""
+async def collect(request: Request, generation: Generation) -> np.ndarray | None:
+    """Every chunk, concatenated; None if the client left before the end (it stops there)."""
     chunks = []
     try:
         async for chunk in generation.chunks():
@@ -40,6 +48,8 @@ async def collect(request: Request, generation: Generation) -> np.ndarray:
                 break
     finally:
         generation.close()
+    if not generation.completed:
+        return None
     return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
 
 

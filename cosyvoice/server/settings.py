@@ -13,6 +13,8 @@ from pathlib import Path
 
 ENV_PREFIX = "COSYVOICE_"
 DEFAULT_GPU_WORKERS = 8
+# the names both uvicorn (lower case) and logging (upper case, see logs.py) understand
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
 @dataclass(frozen=True)
@@ -41,7 +43,7 @@ class Settings:
     cache_mb: float = field(default=64.0, metadata={
         "help": "MiB of audio kept to answer identical requests again; 0: no cache"})
     retry_after_s: int = field(default=2, metadata={"help": "Retry-After seconds sent with 503"})
-    log_level: str = field(default="info", metadata={"help": "debug, info, warning or error"})
+    log_level: str = field(default="info", metadata={"help": "debug, info, warning, error or critical"})
 
     @property
     def max_upload_bytes(self) -> int:
@@ -89,6 +91,8 @@ class Settings:
             problems.append(f"--device must be cpu, cuda or cuda:N, not {self.device!r}")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             problems.append(f"--dtype must be auto, float32, float16 or bfloat16, not {self.dtype!r}")
+        if self.log_level not in LOG_LEVELS:
+            problems.append(f"--log-level must be one of {', '.join(LOG_LEVELS)}, not {self.log_level!r}")
         if not 0 < self.port < 65536:
             problems.append(f"--port must be between 1 and 65535, not {self.port}")
         for name in ("workers", "max_text_chars"):

@@ -4,13 +4,14 @@ Every API family ends here, so every family checks text, speed and voices the sa
 """
 from __future__ import annotations
 
-import hashlib
 import re
 
 from .engine import Engine, Job, PromptUpload
 from .errors import ApiError
+from .voices import prompt_digest
 
 MIN_SPEED, MAX_SPEED = 0.25, 4.0
+MAX_SEED = 2**63 - 1
 # Control characters other than tab and newlines mean binary junk, not text to speak.
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ufffe\uffff]")
 
@@ -33,6 +34,14 @@ def check_speed(speed: float) -> float:
     return speed
 
 
+def check_seed(seed: int | None) -> int | None:
+    # torch's manual_seed overflows past 64 bits, a 500 from a worker; the non-negative int64
+    # range means the same seed however a runtime reads 64 bits (signed or not)
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise ApiError(400, f"seed must be between 0 and {MAX_SEED}, not {seed}")
+    return seed
+
+
 def job_for_voice(engine: Engine, text: str, voice_name: str | None, *, instruct: str = "",
                   mode: str | None = None, speed: float = 1.0, seed: int | None = None,
                   stream: bool = True) -> Job:
@@ -52,12 +61,9 @@ def job_for_voice(engine: Engine, text: str, voice_name: str | None, *, instruct
         known = ", ".join(sorted(stored_names) + sorted(engine.tts.speakers)) or "none registered"
         raise ApiError(400, f"unknown voice '{voice_name}'; available: {known}")
     if voice_name and voice_name in engine.tts.speakers and voice_name not in stored_names:
-        if instruct or mode not in (None, "sft"):
+        if instruct or mode is not None:
             raise ApiError(400, f"'{voice_name}' is a built-in speaker; it supports plain (sft) speech only")
         return _job("sft", text, None, f"speaker:{voice_name}", speed, seed, stream, speaker=voice_name)
-    if mode == "sft":
-        raise ApiError(400, f"unknown built-in speaker '{voice_name}'; available: "
-                            f"{', '.join(sorted(engine.tts.speakers)) or 'none (this model has none)'}")
     stored = engine.voices.resolve(voice_name)
     if mode is None:
         mode = "instruct2" if instruct else ("zero_shot" if stored.info.prompt_text else "cross_lingual")
@@ -78,13 +84,14 @@ def job_for_upload(engine: Engine, mode: str, text: str, audio: bytes, prompt_te
         check_text(prompt_text, settings.max_text_chars, "prompt text (transcript of the prompt audio)")
     if mode == "instruct2":
         check_text(instruct, settings.max_text_chars, "instruction")
-    digest = hashlib.sha256(audio + b"\0" + prompt_text.encode("utf-8")).hexdigest()
+    digest = prompt_digest(audio, prompt_text)
     return _job(mode, text, PromptUpload(audio, prompt_text), f"upload:{digest}", speed, seed,
                 stream, instruct=instruct)
 
 
 def _job(mode: str, text: str, voice, voice_key: str, speed: float, seed: int | None,
          stream: bool, speaker: str = "", instruct: str = "") -> Job:
+    seed = check_seed(seed)
     model_stream = stream and speed == 1.0    # the runtime changes speed on whole utterances only
     key = (mode, text, voice_key, instruct, speed, seed, model_stream)
     return Job(mode, text, voice, speaker=speaker, instruct=instruct, speed=speed, seed=seed,

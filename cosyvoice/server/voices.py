@@ -66,8 +66,17 @@ def read_prompt(audio: bytes) -> tuple[np.ndarray, int]:
     return samples, rate
 
 
+def prompt_digest(audio: bytes, prompt_text: str) -> str:
+    """sha256 of the audio, a NUL and the transcript: fed piece by piece, so a 25 MiB upload is
+    not copied, yet the digest equals that of the joined bytes (stored revisions depend on it)."""
+    digest = hashlib.sha256(audio)
+    digest.update(b"\0")
+    digest.update(prompt_text.encode("utf-8"))
+    return digest.hexdigest()
+
+
 def revision_of(audio: bytes, prompt_text: str) -> str:
-    return hashlib.sha256(audio + b"\0" + prompt_text.encode("utf-8")).hexdigest()[:16]
+    return prompt_digest(audio, prompt_text)[:16]
 
 
 @dataclass(frozen=True)
@@ -187,12 +196,9 @@ class VoiceStore:
                             f"or put '[name]transcript.wav' files in {self.folder}")
 
     def register(self, tts, name: str, prompt_text: str, audio: bytes) -> VoiceInfo:
-        """Prepares and saves a voice (slow: run it off the event loop). Replaces a same-named one."""
+        """Prepares and saves a voice (slow: run it off the event loop). A taken name is refused
+        by the caller (409 in routers/native.py)."""
         check_name(name)
-        with self._lock:
-            previous = self._voices.get(name)
-        if previous and previous.info.source != "api":
-            (self.folder / previous.info.source).unlink(missing_ok=True)
         return self._add(tts, name, prompt_text.strip(), audio, source="api").info
 
     def delete(self, name: str) -> None:
@@ -222,9 +228,13 @@ class VoiceStore:
         return stored
 
     def audio_path(self, name: str) -> Path:
-        """The prompt audio file of a voice."""
+        """The prompt audio file of a voice; 404 if someone removed it from the disk."""
         info = self.get(name).info
-        return self.store / f"{name}.wav" if info.source == "api" else self.folder / info.source
+        path = self.store / f"{name}.wav" if info.source == "api" else self.folder / info.source
+        if not path.is_file():
+            log.warning("voice %s: its prompt file %s is gone", name, path)
+            raise ApiError(404, f"the prompt audio of voice '{name}' is missing on the server")
+        return path
 
     def _remove_files(self, name: str) -> None:
         for suffix in (".json", ".voice", ".wav"):
