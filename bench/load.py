@@ -23,7 +23,7 @@ if __package__ in (None, ""):   # run as `python bench/load.py`: make `bench` im
 
 import httpx  # noqa: E402
 
-from bench.endpoints import PRESETS, Endpoint, customised, preset, request_options  # noqa: E402
+from bench.endpoints import BODY_KINDS, PRESETS, Endpoint, customised, preset, request_options  # noqa: E402
 from bench.environment import cpu_model, describe_run, gpu_names, load_average  # noqa: E402
 from bench.http_runner import BenchSetupError, run_level, send  # noqa: E402
 from bench.plots import plot_load  # noqa: E402
@@ -41,7 +41,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     target.add_argument("--api", choices=sorted(PRESETS), default="native", help="request preset")
     target.add_argument("--method", help="override the preset's HTTP method")
     target.add_argument("--path", help="override the preset's path")
-    target.add_argument("--body", choices=("form", "json", "query"), help="override the body kind")
+    target.add_argument("--body", choices=BODY_KINDS, help="override the body kind")
     target.add_argument("--field", action="append", default=[], metavar="NAME=TEMPLATE",
                         help="add or replace a body field; templates: {text} {voice} {seed} {index} "
                              "{prompt_text} {instruct}")
@@ -171,7 +171,9 @@ def run(args: argparse.Namespace) -> dict:
         report["server"] = {"started_here": False}
         levels = measure(args.url)
     report["settings"] = {"concurrency": args.levels,
-                          "requests_per_level": args.requests or "2x concurrency, at least 4",
+                          # a --duration run counts no requests: only duration_s_per_level is set
+                          "requests_per_level": None if args.duration else (
+                              args.requests or "2x concurrency, at least 4"),
                           "duration_s_per_level": args.duration, "warmup": args.warmup,
                           "texts": args.text, "voice": args.voice, "first_seed": args.seed,
                           "sample_rate": args.sample_rate}

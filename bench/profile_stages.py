@@ -120,7 +120,7 @@ def profile_llm(llm, request: ModelInput, forced: ForcedLength, args, device: to
     for _ in llm.generate(request.text_ids, request.prompt_text_ids, request.llm_prompt_tokens,
                           sampling=forced, generator=generator):
         arrivals.append(time.perf_counter() - started)
-    check_count(len(arrivals), forced.tokens)
+    forced.check([len(arrivals)])
     per_token_ms = (arrivals[-1] - arrivals[0]) * 1000 / (len(arrivals) - 1)
     return {"prefill_positions": int(embeds.shape[1]),
             "prefill_ms": summary(prefill_ms, 2),
@@ -164,12 +164,6 @@ def warm_up(tts, request: ModelInput, forced: ForcedLength, device: torch.device
     list(tts.synthesizer.synthesize(unprompted, stream=False, sampling=forced,
                                     generator=torch.Generator(device).manual_seed(0)))
     synchronize(device)
-
-
-def check_count(count: int, wanted: int) -> None:
-    if count != wanted:
-        raise RuntimeError(f"generated {count} tokens instead of {wanted}: the text is too short for "
-                           "--tokens (the LLM stops at 20 tokens per text token); pass a longer --text")
 
 
 def device_block(device: torch.device) -> dict:

@@ -36,6 +36,14 @@ class ForcedLength:
         speech_only[self.speech_token_size:] = -float("inf")
         return self.sample(speech_only, decoded, generator=generator)
 
+    def check(self, counts: list[int]) -> None:
+        """Raises unless every run made exactly `tokens` tokens: the LLM stops at 20 tokens per
+        text token whatever the sampler draws, so fewer means the text is too short."""
+        if any(count != self.tokens for count in counts):
+            raise RuntimeError(f"expected {self.tokens} tokens per request, got {counts}: the "
+                               "text is too short for --tokens (the LLM stops at 20 tokens per "
+                               "text token); pass a longer --text")
+
 
 class TimedStage:
     """Stands in for a flow or vocoder module: every `inference` call is timed (with the GPU

@@ -105,7 +105,6 @@ class Target:
     profile: str
     python_version: str          # "3.10"
     platform: str                # uv's name: "x86_64-manylinux_2_31", or "host" for --demo
-    cuda: str                    # "12.6", "cpu", ... (read back from the torch wheel)
     demo: bool = False
     extra_index_urls: list[str] = field(default_factory=list)
     index_strategy: str | None = None
@@ -185,26 +184,36 @@ def download_uv_wheel(target: Target, dest: Path, wheelhouse: Path | None, offli
 
 
 def host_uv(uv_wheel: Path, work: Path) -> Path:
-    """A uv that runs here: on PATH, else the one inside the target's wheel when this machine can
-    run it (a linux x86_64 builder)."""
-    found = shutil.which("uv")
-    if found:
-        return Path(found)
-    binary = work / "host-uv" / "uv"
+    """A uv that runs here: the pinned one inside the target's wheel when this machine can run it
+    (a linux x86_64 builder), else one on PATH. The pinned one first, because the lock uv compiles
+    and the Python download it picks depend on uv's version."""
+    binary = work / "host-uv" / uv_wheel.stem / "uv"   # per wheel: a reused --work-dir has older ones
     if not binary.exists():
         with zipfile.ZipFile(uv_wheel) as archive:
             member = next((name for name in archive.namelist() if name.endswith(".data/scripts/uv")),
                           None)
-            if member is None:
-                raise BuildError(f"{uv_wheel.name} holds no uv binary")
-            binary.parent.mkdir(parents=True, exist_ok=True)
-            binary.write_bytes(archive.read(member))
-            binary.chmod(0o755)
-    probe = subprocess.run([str(binary), "--version"], capture_output=True, text=True)
-    if probe.returncode != 0:
-        raise BuildError("the bundled uv does not run on this machine; install uv here "
-                         "(pip install uv) and rerun")
-    return binary
+            if member is not None:
+                binary.parent.mkdir(parents=True, exist_ok=True)
+                binary.write_bytes(archive.read(member))
+                binary.chmod(0o755)
+    if binary.exists() and runs(binary):
+        return binary
+    found = shutil.which("uv")
+    if found:
+        return Path(found)
+    if not binary.exists():
+        raise BuildError(f"{uv_wheel.name} holds no uv binary; install uv here (pip install uv) "
+                         "and rerun")
+    raise BuildError("the bundled uv does not run on this machine; install uv here "
+                     "(pip install uv) and rerun")
+
+
+def runs(binary: Path) -> bool:
+    """Whether `binary --version` works here (a binary for another machine fails to exec)."""
+    try:
+        return subprocess.run([str(binary), "--version"], capture_output=True).returncode == 0
+    except OSError:
+        return False
 
 
 def uv_env() -> dict:
@@ -600,6 +609,15 @@ def build_demo_models(staging: Path) -> None:
     demo_voice(voices / f"[{DEMO_VOICE_NAME}]{DEMO_VOICE_TEXT}.wav")
 
 
+def link_or_copy(source: str, dest: str) -> None:
+    """copytree's copy_function: a hard link where it can (the staging folder is only read, to zip
+    it, so linking saves copying gigabytes of weights), a copy across file systems."""
+    try:
+        os.link(source, dest)
+    except OSError:
+        shutil.copy2(source, dest)
+
+
 def download_models(args: argparse.Namespace, staging: Path, work: Path) -> None:
     if args.models_from:
         source = Path(args.models_from)
@@ -607,8 +625,14 @@ def download_models(args: argparse.Namespace, staging: Path, work: Path) -> None
             if not (source / name).is_dir():
                 raise BuildError(f"--models-from {source} has no {name}/ folder")
             say(f"copying {source / name}")
-            shutil.copytree(source / name, staging / name)
-        return
+            shutil.copytree(source / name, staging / name, copy_function=link_or_copy)
+    else:
+        download_from_modelscope(args, staging, work)
+    if args.voices:
+        shutil.copytree(args.voices, staging / "voices", copy_function=link_or_copy)
+
+
+def download_from_modelscope(args: argparse.Namespace, staging: Path, work: Path) -> None:
     try:
         from modelscope import snapshot_download
     except ImportError as exc:
@@ -619,10 +643,8 @@ def download_models(args: argparse.Namespace, staging: Path, work: Path) -> None
         say(f"modelscope: {model_id}")
         local = cache / name
         snapshot_download(model_id, local_dir=str(local))
-        shutil.copytree(local, staging / name, ignore=shutil.ignore_patterns(".msc", ".mv",
-                                                                             "._____temp"))
-    if args.voices:
-        shutil.copytree(args.voices, staging / "voices")
+        shutil.copytree(local, staging / name, copy_function=link_or_copy,
+                        ignore=shutil.ignore_patterns(".msc", ".mv", "._____temp"))
 
 
 def zip_members_size(folder: Path) -> int:
@@ -700,6 +722,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--out DIR is required")
     if args.fetch_only and not (args.demo and args.wheelhouse):
         parser.error("--fetch-only needs --demo and --wheelhouse DIR")
+    if args.lock_only and args.demo:
+        # A demo lock is for this machine's wheels: it would overwrite the committed target lock.
+        parser.error("--lock-only resolves the committed lock for the target; drop --demo")
     return args
 
 
@@ -707,17 +732,17 @@ def make_target(args: argparse.Namespace) -> Target:
     if args.demo:
         if args.profile != "torch":
             raise BuildError("--demo builds the torch profile only")
-        return Target("torch", "%d.%d" % sys.version_info[:2], "host", "cpu", demo=True)
+        return Target("torch", "%d.%d" % sys.version_info[:2], "host", demo=True)
     if not re.fullmatch(r"3\.\d+", args.python_version):
         raise BuildError(f"--python-version {args.python_version} is not like 3.10")
     if args.profile == "trtllm" and not args.extra_index_url:
         raise BuildError("the trtllm profile needs NVIDIA's package index: pass "
                          "--extra-index-url https://pypi.nvidia.com")
-    return Target(args.profile, args.python_version, args.platform, cuda="",
+    return Target(args.profile, args.python_version, args.platform,
                   extra_index_urls=args.extra_index_url, index_strategy=args.index_strategy)
 
 
-def lock_only(args: argparse.Namespace, target: Target) -> None:
+def lock_only(target: Target) -> None:
     with tempfile.TemporaryDirectory(prefix="cosyvoice-lock-") as scratch:
         work = Path(scratch)
         uv_wheel = download_uv_wheel(target, work / "uv", None, False)
@@ -732,7 +757,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         target = make_target(args)
         if args.lock_only:
-            lock_only(args, target)
+            lock_only(target)
             return 0
         if args.fetch_only:
             fetch_demo_wheelhouse(Path(args.wheelhouse).resolve())

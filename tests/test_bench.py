@@ -67,6 +67,16 @@ def test_load_sweep_against_a_running_server(server, model_dir, tmp_path):
     assert report["target"]["path"] == "/v1/audio/speech" and report["server"]["started_here"] is False
 
 
+def test_a_duration_run_records_no_request_count(server, tmp_path):
+    out = tmp_path / "duration.json"
+    status = load_main(["--url", server.url, "--header", f"X-API-Key: {API_KEY}", "--voice", "alice",
+                        "--text", "Hi.", "--warmup", "0", "--concurrency", "1", "--duration", "1",
+                        "--out", str(out)])
+    assert status == 0
+    settings = read_report(out)["settings"]
+    assert settings["requests_per_level"] is None and settings["duration_s_per_level"] == 1
+
+
 def test_failed_requests_are_counted_by_status(server, tmp_path):
     out = tmp_path / "errors.json"
     status = load_main(["--url", server.url, "--header", f"X-API-Key: {API_KEY}", "--voice", "nobody",
@@ -140,6 +150,13 @@ def test_forced_length_never_stops_early_and_always_stops_on_time():
     assert [forced(logp, [0] * n) < speech_tokens for n in range(3)] == [True] * 3
     assert forced(logp, [0] * 3) == speech_tokens
     assert logp[speech_tokens] == 0.0                          # the caller's logp is left alone
+
+
+def test_forced_length_check_says_the_text_is_too_short():
+    forced = ForcedLength(lambda lp, decoded, generator=None: 0, 3, 10)
+    forced.check([3, 3])
+    with pytest.raises(RuntimeError, match="too short for --tokens"):
+        forced.check([3, 2])
 
 
 def test_steady_decode_rate_counts_only_the_overlap():

@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -73,7 +74,7 @@ def test_status_without_install_says_stopped(tmp_path):
 
 def test_target_platform_tags_stop_at_glibc_2_31():
     builder = load_builder()
-    target = builder.Target("torch", "3.10", "x86_64-manylinux_2_31", "")
+    target = builder.Target("torch", "3.10", "x86_64-manylinux_2_31")
     tags = target.pip_platform_tags()
     assert tags[0] == "manylinux_2_31_x86_64"
     assert "manylinux_2_28_x86_64" in tags and "manylinux2014_x86_64" in tags
@@ -117,3 +118,54 @@ def test_trtllm_profile_needs_nvidia_index():
     with pytest.raises(builder.BuildError, match="extra-index-url https://pypi.nvidia.com"):
         builder.make_target(args)
     assert "tensorrt-llm==1.0.0" in builder.read_profile("trtllm")
+
+
+def test_lock_only_refuses_demo(capsys):
+    builder = load_builder()
+    with pytest.raises(SystemExit):
+        builder.parse_args(["--lock-only", "--demo"])
+    assert "drop --demo" in capsys.readouterr().err
+
+
+def test_models_from_takes_the_voices_too_and_links_the_weights(tmp_path):
+    builder = load_builder()
+    source, voices, staging = tmp_path / "models", tmp_path / "voices", tmp_path / "staging"
+    for name in builder.MODELS:
+        (source / name).mkdir(parents=True)
+        (source / name / "weights.pt").write_bytes(b"weights")
+    voices.mkdir()
+    (voices / "[bob]hello.wav").write_bytes(b"RIFF")
+    staging.mkdir()
+    args = builder.parse_args(["--out", "x", "--models-from", str(source), "--voices", str(voices)])
+    builder.download_models(args, staging, tmp_path / "work")
+    assert (staging / "voices" / "[bob]hello.wav").read_bytes() == b"RIFF"
+    for name in builder.MODELS:
+        copied = staging / name / "weights.pt"
+        assert copied.read_bytes() == b"weights"
+        assert copied.stat().st_ino == (source / name / "weights.pt").stat().st_ino   # a hard link
+
+
+def test_link_or_copy_copies_when_it_cannot_link(tmp_path, monkeypatch):
+    builder = load_builder()
+    (tmp_path / "a").write_bytes(b"data")
+
+    def cross_device(*_args, **_kwargs):
+        raise OSError(18, "Invalid cross-device link")
+    monkeypatch.setattr(builder.os, "link", cross_device)
+    builder.link_or_copy(str(tmp_path / "a"), str(tmp_path / "b"))
+    assert (tmp_path / "b").read_bytes() == b"data"
+    assert (tmp_path / "b").stat().st_ino != (tmp_path / "a").stat().st_ino
+
+
+@pytest.mark.parametrize("script, chosen", [("#!/bin/sh\nexit 0\n", "pinned"),
+                                            ("#!/bin/sh\nexit 1\n", "path")],
+                         ids=["pinned uv runs", "pinned uv fails"])
+def test_host_uv_prefers_the_pinned_wheel_binary(tmp_path, monkeypatch, script, chosen):
+    builder = load_builder()
+    wheel = tmp_path / "uv-0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr("uv-0.data/scripts/uv", script)
+    monkeypatch.setattr(builder.shutil, "which", lambda name: "/somewhere/bin/uv")
+    found = builder.host_uv(wheel, tmp_path / "work")
+    assert found == (tmp_path / "work" / "host-uv" / wheel.stem / "uv" if chosen == "pinned"
+                     else Path("/somewhere/bin/uv"))

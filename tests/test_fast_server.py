@@ -141,6 +141,25 @@ def test_prints_the_command_when_there_is_no_mpirun(monkeypatch, capsys):
             "--llm-backend torch --model-dir 'my model'") in error
 
 
+def test_reexecutes_with_mpi_on_loopback_only(monkeypatch):
+    # autodl_deploy.sh starts fast_server.py plainly: these settings come from fast_server.py alone.
+    fast_server = load_fast_server()
+    monkeypatch.setattr(fast_server, "find_mpirun", lambda: "/opt/mpi/bin/mpirun")
+    for name in ("COSYVOICE_FAST_SERVER_REEXEC", "OMPI_MCA_oob_tcp_if_include", "OMPI_MCA_btl_tcp_if_include"):
+        monkeypatch.delenv(name, raising=False)
+    launched = {}
+
+    def execve(path, argv, env):
+        launched.update(path=path, argv=argv, env=env)
+        raise OSError("not really")
+    monkeypatch.setattr(fast_server.os, "execve", execve)
+    with pytest.raises(OSError, match="not really"):
+        fast_server.relaunch_under_mpirun(["--llm-backend", "torch"])
+    assert launched["path"] == "/opt/mpi/bin/mpirun" and launched["argv"][1:1 + len(MPIRUN_FLAGS)] == MPIRUN_FLAGS
+    assert launched["env"]["OMPI_MCA_oob_tcp_if_include"] == "lo"
+    assert launched["env"]["OMPI_MCA_btl_tcp_if_include"] == "lo"
+
+
 def test_only_rank_zero_serves(monkeypatch, capsys):
     fast_server = load_fast_server()
     monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "1")
