@@ -2,7 +2,7 @@
 
 N threads each run the flow for the same request (its prompt plus `tokens` speech tokens, the
 final full-attention call), started together, once with each decoder:
-  batched      cosyvoice.flow_batching.BatchedFlowDecoder: overlapping calls run as one batch
+  batched      cosyvoice.concurrency.flow_batching.BatchedFlowDecoder: overlapping calls run as one batch
   per-request  the flow's own decoder, called from every thread at once
 Rates count the new frames only (the prompt's frames are recomputed but not output).
 """
@@ -14,8 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from cosyvoice.flow_batching import BatchedFlowDecoder
-from cosyvoice.synthesis import ModelInput
+from cosyvoice.concurrency.flow_batching import BatchedFlowDecoder
+from cosyvoice.inference.synthesis import ModelInput
 
 from .stage_timers import synchronize
 

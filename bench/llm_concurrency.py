@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from cosyvoice.synthesis import ModelInput
+from cosyvoice.inference.synthesis import ModelInput
 
 from .stage_timers import ForcedLength
 from .stats import summary

@@ -31,8 +31,8 @@ import soundfile as sf  # noqa: E402
 import torch  # noqa: E402
 
 import cosyvoice  # noqa: E402
-from cosyvoice.batching import BatchedLLM  # noqa: E402
-from cosyvoice.synthesis import ModelInput, Synthesizer  # noqa: E402
+from cosyvoice.concurrency.llm_scheduler import BatchedLLM  # noqa: E402
+from cosyvoice.inference.synthesis import ModelInput, Synthesizer  # noqa: E402
 
 from bench import flow_concurrency, llm_concurrency  # noqa: E402
 from bench.environment import cpu_model, describe_run, load_average  # noqa: E402

@@ -13,8 +13,8 @@ import torch
 
 from .backends import BackendFactory
 from .errors import InputError
-from .loader import ModelDirError
-from .pipeline import CosyVoice2
+from .loading.model_dir import ModelDirError
+from .inference.model import CosyVoice2
 from .voice import Voice
 
 __all__ = ["load", "CosyVoice2", "Voice", "InputError", "ModelDirError"]

@@ -5,11 +5,11 @@ import time
 import pytest
 import torch
 
-from cosyvoice import batching
-from cosyvoice.batching import BatchedLLM
-from cosyvoice.decode_graphs import StaticDecodeStep, batch_buckets, eager_decode_step, span_buckets
+from cosyvoice.concurrency import llm_scheduler as batching
+from cosyvoice.concurrency.llm_scheduler import BatchedLLM
+from cosyvoice.concurrency.decode_graphs import StaticDecodeStep, batch_buckets, eager_decode_step, span_buckets
 from cosyvoice.errors import InputError
-from cosyvoice.loader import load_stage
+from cosyvoice.loading.model_dir import load_stage
 from cosyvoice.models.qwen_slots import SlotKVCache, forward_slots
 from cosyvoice.models.sampling import greedy_sampling
 

@@ -5,7 +5,7 @@ import sys
 import soundfile as sf
 
 from cosyvoice.cli import main
-from cosyvoice.loader import read_config
+from cosyvoice.loading.model_dir import read_config
 
 
 def test_synth_writes_a_wav(model_dir, fixture_dir, tmp_path, capsys):

@@ -1,8 +1,8 @@
 """The yaml reader: hyperpyyaml tags, references with arithmetic, clear errors."""
 import pytest
 
-from cosyvoice.config import Apply, ConfigError, Name, New, YamlConfig
-from cosyvoice.loader import read_config
+from cosyvoice.loading.config import Apply, ConfigError, Name, New, YamlConfig
+from cosyvoice.loading.model_dir import read_config
 
 
 def _config(tmp_path, text):

@@ -13,7 +13,7 @@ from cosyvoice.backends.hf_export import ExportInfo, export_hf, export_model_dir
 from cosyvoice.backends.hf_model import load_exported
 from cosyvoice.cli import main as cli_main
 from cosyvoice.frontend.tokenizer import QwenTokenizer
-from cosyvoice.loader import QWEN2_0_5B, QWEN_DIR, build_stage, load_stage, read_config
+from cosyvoice.loading.model_dir import QWEN2_0_5B, QWEN_DIR, build_stage, load_stage, read_config
 
 LAYOUTS = ["zero_shot", "cross_lingual", "instruct2"]
 FULL_YAML = "configs/cosyvoice2.yaml"

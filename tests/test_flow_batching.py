@@ -1,12 +1,12 @@
-"""Flow decoder batching across requests (cosyvoice.flow_batching): each request's mel in a padded
+"""Flow decoder batching across requests (cosyvoice.concurrency.flow_batching): each request's mel in a padded
 batch equals its solo run, whatever the other rows' lengths and attention modes."""
 import threading
 
 import pytest
 import torch
 
-from cosyvoice.flow_batching import BatchedFlowDecoder, _Call
-from cosyvoice.loader import load_stage
+from cosyvoice.concurrency.flow_batching import BatchedFlowDecoder, _Call
+from cosyvoice.loading.model_dir import load_stage
 
 TOL = 1e-4   # max abs mel difference batched vs solo (float rounding of batched matmuls)
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import report_error
-from cosyvoice.loader import load_stage
+from cosyvoice.loading.model_dir import load_stage
 
 MEL_REL_TOL = 1e-4     # max abs error / max |reference|
 INPUTS_ABS_TOL = 1e-4  # mu, spks, cond, mask

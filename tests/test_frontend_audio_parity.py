@@ -11,7 +11,7 @@ from cosyvoice.frontend.audio import AudioError, load_audio, resample
 from cosyvoice.frontend.features import kaldi_fbank, mean_normalize, whisper_log_mel
 from cosyvoice.frontend.speech_models import (MAX_PROMPT_SECONDS, MIN_PROMPT_SECONDS,
                                               PromptFeatureExtractor)
-from cosyvoice.loader import read_config
+from cosyvoice.loading.model_dir import read_config
 
 TOKEN_RATE = 16000  # the tokenizer and the speaker encoder both read 16 kHz audio
 

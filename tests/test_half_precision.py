@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import report_error
 
-from cosyvoice.loader import load_stage
+from cosyvoice.loading.model_dir import load_stage
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import report_error
 
-from cosyvoice.loader import YAML_NAME, build_stage, load_stage, read_config
+from cosyvoice.loading.model_dir import YAML_NAME, build_stage, load_stage, read_config
 from cosyvoice.models.hift import ConvRNNF0Predictor, HiFTGenerator, SourceNoise, normalize_hift_state_dict
 
 pytestmark = pytest.mark.parity

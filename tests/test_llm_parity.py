@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import report_error
 
-from cosyvoice.loader import load_stage
+from cosyvoice.loading.model_dir import load_stage
 from cosyvoice.models.sampling import greedy_sampling
 
 pytestmark = pytest.mark.parity

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cosyvoice.loader import (QWEN2_0_5B, ModelDirError, build_stage, check_model_dir, load_model,
+from cosyvoice.loading.model_dir import (QWEN2_0_5B, ModelDirError, build_stage, check_model_dir, load_model,
                               load_stage, read_config)
 from conftest import DEFAULT_FIXTURES
 

@@ -10,7 +10,7 @@ import torch
 
 from cosyvoice.frontend.speech_models import PromptFeatureExtractor
 from cosyvoice.frontend.tokenizer import SPECIAL_TOKENS, QwenTokenizer
-from cosyvoice.loader import QWEN_DIR, REQUIRED_FILES, YAML_NAME, check_model_dir, load_model, read_config
+from cosyvoice.loading.model_dir import QWEN_DIR, REQUIRED_FILES, YAML_NAME, check_model_dir, load_model, read_config
 from cosyvoice.tools.make_model import SIZES, add_make_model_command, make_model, run, write_yaml
 
 STAGE_KEYS = ("llm", "flow", "hift", "get_tokenizer", "allowed_special", "feat_extractor", "sample_rate",

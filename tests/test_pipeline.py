@@ -8,7 +8,7 @@ import torch
 
 import cosyvoice
 from cosyvoice import InputError, Voice
-from cosyvoice.synthesis import ModelInput
+from cosyvoice.inference.synthesis import ModelInput
 
 SHORT_TEXT = "Nice to meet you."
 

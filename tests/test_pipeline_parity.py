@@ -6,7 +6,7 @@ from conftest import report_error
 
 import cosyvoice
 from cosyvoice.models.sampling import greedy_sampling
-from cosyvoice.synthesis import ModelInput
+from cosyvoice.inference.synthesis import ModelInput
 
 pytestmark = pytest.mark.parity
 

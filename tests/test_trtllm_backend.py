@@ -27,7 +27,7 @@ from cosyvoice.backends.engine_cache import ENGINE_MARK, BuildLimits
 from cosyvoice.backends.speech_sampler import SpeechTokenSampler
 from cosyvoice.backends.trtllm import (NOT_INSTALLED, BackendUnavailable, TrtLlmFactory,
                                        request_seed)
-from cosyvoice.loader import load_stage
+from cosyvoice.loading.model_dir import load_stage
 from cosyvoice.models.sampling import greedy_sampling
 
 LAYOUTS = ["zero_shot", "cross_lingual", "instruct2"]

@@ -1,7 +1,7 @@
 """LLM backends: what turns text ids (and a voice prompt) into speech tokens.
 
 The synthesizer needs one method of its LLM, `generate`, which the PyTorch `SpeechLM` already
-has; `torch` wraps it in continuous batching (cosyvoice.batching) so concurrent requests share
+has; `torch` wraps it in continuous batching (cosyvoice.concurrency.llm_scheduler) so concurrent requests share
 each decode step, `torch-serial` runs it per request, and `trtllm` runs the same model on
 TensorRT-LLM from its HF export (`hf_export`). A backend is chosen by name or given as a factory:
 
@@ -16,7 +16,7 @@ from typing import Callable, Iterator, Protocol
 
 import torch
 
-from ..loader import load_stage
+from ..loading.model_dir import load_stage
 
 BACKEND_NAMES = ("torch", "torch-serial", "trtllm")
 
@@ -43,7 +43,7 @@ def serial_torch_backend(model_dir: Path, device: torch.device, dtype: torch.dty
 
 def torch_backend(model_dir: Path, device: torch.device, dtype: torch.dtype, max_batch: int = 8) -> LLMBackend:
     """The PyTorch SpeechLM with continuous batching across up to `max_batch` concurrent requests."""
-    from ..batching import BatchedLLM
+    from ..concurrency.llm_scheduler import BatchedLLM
     return BatchedLLM(load_stage(model_dir, "llm", device, dtype), max_batch=max_batch)
 
 

@@ -18,7 +18,7 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..loader import CHECKPOINTS, QWEN_DIR
+from ..loading.model_dir import CHECKPOINTS, QWEN_DIR
 from ..models.llm import MAX_TOKEN_TEXT_RATIO
 
 ENGINE_MARK = "cosyvoice_engine.json"

@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 from transformers import AutoTokenizer
 
 from ..frontend.tokenizer import SPECIAL_TOKENS
-from ..loader import QWEN_DIR, load_stage
+from ..loading.model_dir import QWEN_DIR, load_stage
 from ..models.llm import SOS_ROW, TASK_ID_ROW, SpeechLM
 from .vocab import MergedVocab
 

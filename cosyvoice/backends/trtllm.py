@@ -44,9 +44,9 @@ from typing import Callable, Iterator
 
 import torch
 
-from ..config import YamlConfig
-from ..loader import YAML_NAME, read_config
-from ..models import registry
+from ..loading.config import YamlConfig
+from ..loading.model_dir import YAML_NAME, read_config
+from ..loading import registry
 from ..models.llm import MAX_TOKEN_TEXT_RATIO, MIN_TOKEN_TEXT_RATIO
 from .engine_cache import (BuildLimits, EngineKey, engine_dir, engine_is_complete, export_dir,
                            mark_complete)

@@ -29,7 +29,7 @@ from onnx import TensorProto, helper, numpy_helper
 from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
 
 from ..frontend.tokenizer import SPECIAL_TOKENS
-from ..loader import CHECKPOINTS, QWEN2_0_5B, QWEN_DIR, YAML_NAME, build_stage, read_config
+from ..loading.model_dir import CHECKPOINTS, QWEN2_0_5B, QWEN_DIR, YAML_NAME, build_stage, read_config
 from .yaml_template import render
 
 # --- sizes -----------------------------------------------------------------------------------

@@ -73,7 +73,7 @@ class CausalMaskedDiffWithXvec(nn.Module):
         """token [1, N], prompt_token [1, P], prompt_feat [1, T_p, 80], embedding [1, 192]
         -> mel [1, 80, T - T_p] float32 for the new tokens only.
 
-        `decoder` stands in for `self.decoder` (same call; cosyvoice.flow_batching batches it
+        `decoder` stands in for `self.decoder` (same call; cosyvoice.concurrency.flow_batching batches it
         across requests).
         """
         mu, spks, cond, mask = self.prepare_cfm_inputs(token, prompt_token, prompt_feat, embedding,

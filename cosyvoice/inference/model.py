@@ -24,16 +24,16 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .errors import InputError
-from .flow_batching import BatchedFlowDecoder
-from .frontend.audio import load_audio
-from .frontend.speech_models import PromptFeatureExtractor
-from .frontend.text import TextNormalizer
-from .frontend.tokenizer import END_OF_PROMPT, QwenTokenizer
-from .backends import BackendFactory, backend_factory
-from .loader import QWEN_DIR, YAML_NAME, check_model_dir, load_stage, read_config, read_settings
+from ..errors import InputError
+from ..concurrency.flow_batching import BatchedFlowDecoder
+from ..frontend.audio import load_audio
+from ..frontend.speech_models import PromptFeatureExtractor
+from ..frontend.text import TextNormalizer
+from ..frontend.tokenizer import END_OF_PROMPT, QwenTokenizer
+from ..backends import BackendFactory, backend_factory
+from ..loading.model_dir import QWEN_DIR, YAML_NAME, check_model_dir, load_stage, read_config, read_settings
 from .synthesis import ModelInput, Synthesizer
-from .voice import Voice
+from ..voice import Voice
 
 AudioInput = str | Path | bytes | np.ndarray
 SPEAKERS_FILE = "spk2info.pt"

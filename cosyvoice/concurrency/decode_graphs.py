@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .models.qwen_slots import SlotKVCache, forward_slots
+from ..models.qwen_slots import SlotKVCache, forward_slots
 
 FIRST_SPAN = 256   # cache positions: about a 5 s prompt and a short sentence
 

@@ -1,6 +1,6 @@
 """Maps the class paths written in official CosyVoice yaml files to our own classes.
 
-`build(value)` turns a resolved yaml value (see `cosyvoice.config`) into objects: `!new:`
+`build(value)` turns a resolved yaml value (see `cosyvoice.loading.config`) into objects: `!new:`
 records become instances of our classes (children first, as the yaml nests them) and `!name:`
 records become functions with bound arguments. Keyword arguments our runtime has no use for
 (dropout rates, loss settings, bidirectional-streaming ratios) are listed per class and dropped;
@@ -13,7 +13,7 @@ import functools
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from ..config import ConfigError, Name, New
+from .config import ConfigError, Name, New
 
 
 @dataclass(frozen=True)
@@ -30,11 +30,11 @@ def _dict_config(content: dict) -> dict:
 
 @functools.lru_cache(maxsize=1)
 def targets() -> dict[str, Target]:
-    from .flow import (CausalConditionalCFM, CausalConditionalDecoder, CausalMaskedDiffWithXvec,
+    from ..models.flow import (CausalConditionalCFM, CausalConditionalDecoder, CausalMaskedDiffWithXvec,
                        UpsampleConformerEncoder)
-    from .hift import ConvRNNF0Predictor, HiFTGenerator
-    from .llm import QwenBody, SpeechLM
-    from .sampling import ras_sampling
+    from ..models.hift import ConvRNNF0Predictor, HiFTGenerator
+    from ..models.llm import QwenBody, SpeechLM
+    from ..models.sampling import ras_sampling
 
     dropout = frozenset({"dropout_rate", "positional_dropout_rate", "attention_dropout_rate"})
     return {

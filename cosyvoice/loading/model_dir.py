@@ -1,7 +1,7 @@
 """Loads an official CosyVoice2 model directory (as ModelScope delivers it) into our modules.
 
     model_dir/
-      cosyvoice2.yaml           hyper-parameters and object graph  -> cosyvoice.config
+      cosyvoice2.yaml           hyper-parameters and object graph  -> cosyvoice.loading.config
       llm.pt flow.pt hift.pt    state dicts, loaded with strict key matching
       CosyVoice-BlankEN/        Qwen2 config + tokenizer (its weights are not used: llm.pt has them)
       campplus.onnx speech_tokenizer_v2.onnx   used by the frontend
@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .config import ConfigError, YamlConfig
-from .models import registry
+from . import registry
 
 YAML_NAME = "cosyvoice2.yaml"
 QWEN_DIR = "CosyVoice-BlankEN"

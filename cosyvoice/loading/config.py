@@ -9,7 +9,7 @@ The official `cosyvoice2.yaml` describes its object graph with four tags:
 
 We never import or construct what the tags name. Parsing keeps them as `New`, `Name`, `Ref`
 and `Apply` records; `YamlConfig.resolve(key)` replaces references by their values, and
-`cosyvoice.models.registry` later maps the upstream class paths to our own classes. `!apply`
+`cosyvoice.loading.registry` later maps the upstream class paths to our own classes. `!apply`
 is never executed: the seeding it does is upstream's business, not ours.
 """
 from __future__ import annotations

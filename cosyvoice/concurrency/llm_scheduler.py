@@ -9,7 +9,7 @@ Each request keeps its own sampler, generator and limits, so its tokens are the 
 `SpeechLM.generate` gives for the same seed (up to float rounding in batched matrix products).
 `BatchedLLM.generate` has the same signature as `SpeechLM.generate`, so the synthesis code does
 not know which one it runs. On a GPU the decode step runs on static shapes recorded as CUDA
-graphs (cosyvoice.decode_graphs), whose padding rows write into the cache's one spare slot.
+graphs (cosyvoice.concurrency.decode_graphs), whose padding rows write into the cache's one spare slot.
 """
 from __future__ import annotations
 
@@ -22,11 +22,11 @@ from typing import Callable, Iterator
 import torch
 
 from .decode_graphs import DecodeStep, StaticDecodeStep, eager_decode_step
-from .errors import InputError
-from .models.llm import MAX_TOKEN_TEXT_RATIO, MIN_TOKEN_TEXT_RATIO, SpeechLM
-from .models.qwen_slots import SlotKVCache, forward_slots
+from ..errors import InputError
+from ..models.llm import MAX_TOKEN_TEXT_RATIO, MIN_TOKEN_TEXT_RATIO, SpeechLM
+from ..models.qwen_slots import SlotKVCache, forward_slots
 
-log = logging.getLogger("cosyvoice.batching")
+log = logging.getLogger("cosyvoice.concurrency.llm_scheduler")
 
 _END = object()  # queued after a request's last token
 
@@ -52,7 +52,7 @@ class BatchedLLM:
     def __init__(self, llm: SpeechLM, max_batch: int = 8, max_len: int = 4096,
                  static_decode: bool | None = None):
         """`static_decode`: run decode steps on static shapes, recorded as CUDA graphs on a GPU
-        (cosyvoice.decode_graphs); default: on a GPU only."""
+        (cosyvoice.concurrency.decode_graphs); default: on a GPU only."""
         self.llm = llm
         self.body = llm.llm.model.model
         self.max_batch = max_batch
