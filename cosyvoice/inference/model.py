@@ -69,6 +69,7 @@ class CosyVoice2:
         hift = load_stage(self.model_dir, "hift", self.device, dtype)
         llm = make_llm(self.model_dir, self.device, dtype)
         self.sample_rate = self.settings.sample_rate
+        self.generation = "CosyVoice2"   # the model generation, as users name it
         self.tokenizer = QwenTokenizer(self.settings.qwen_path)
         resource = Path(ttsfrd_resource) if ttsfrd_resource else default_ttsfrd_resource(self.model_dir)
         self.normalizer = TextNormalizer(self.tokenizer.count, resource)
@@ -84,6 +85,24 @@ class CosyVoice2:
                                        flow_decoder=flow_decoder)
         self._n_mels = flow.output_size
         self.speakers = self._load_speakers(self.model_dir / SPEAKERS_FILE)
+
+    # ---- what the server and tools ask of a model ----------------------------------------------
+
+    @property
+    def speaker_names(self) -> list[str]:
+        """The built-in speakers of the model directory (spk2info.pt), sorted."""
+        return sorted(self.speakers)
+
+    def count_text_tokens(self, text: str) -> int:
+        """How many text tokens `text` is, as the model's tokenizer counts them."""
+        return self.tokenizer.count(text)
+
+    @property
+    def batch_counts(self) -> tuple[list[int] | None, list[int] | None]:
+        """(LLM decode steps, flow decoder runs) by how many requests each served ([n] = runs
+        that served n), or None for a stage that is not batched."""
+        flow_counts = getattr(self.synthesizer.flow_decoder, "batch_sizes", None)
+        return getattr(self.synthesizer.llm, "step_sizes", None), flow_counts
 
     # ---- voices ------------------------------------------------------------------------------
 
