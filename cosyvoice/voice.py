@@ -22,11 +22,15 @@ class Voice:
     speech_tokens: torch.Tensor     # int32 [1, P]
     embedding: torch.Tensor         # float32 [1, D]
     speech_feat: torch.Tensor       # float32 [1, ratio * P, n_mels]
+    # The model generation that computed the features ("CosyVoice2", "CosyVoice3"): speech
+    # tokenizers and prompt mels differ between generations, so a voice serves only its own.
+    generation: str = "CosyVoice2"
 
     def save(self, path: str | Path) -> None:
         torch.save({"format": FORMAT, "prompt_text": self.prompt_text,
                     "prompt_text_ids": self.prompt_text_ids, "speech_tokens": self.speech_tokens,
-                    "embedding": self.embedding, "speech_feat": self.speech_feat}, str(path))
+                    "embedding": self.embedding, "speech_feat": self.speech_feat,
+                    "generation": self.generation}, str(path))
 
     @classmethod
     def load(cls, path: str | Path) -> "Voice":
@@ -36,5 +40,6 @@ class Voice:
             raise InputError(f"{path} is not a readable voice file ({exc})") from exc
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise InputError(f"{path} is not a voice file of this runtime ({FORMAT})")
+        # Files written before generations existed hold CosyVoice2 features.
         return cls(data["prompt_text"], data["prompt_text_ids"], data["speech_tokens"],
-                   data["embedding"], data["speech_feat"])
+                   data["embedding"], data["speech_feat"], data.get("generation", "CosyVoice2"))
