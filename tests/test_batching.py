@@ -101,15 +101,15 @@ def test_padded_prefill_then_batched_decode_matches_the_reference(llm, reference
         padded = torch.zeros(len(prompts), int(lengths.max()), prompts[0].shape[2])
         for row, prompt in enumerate(prompts):
             padded[row, :prompt.shape[1]] = prompt[0]
-        body = llm.llm.model.model
+        body = llm.body
         cache = SlotKVCache(body, slots=len(prompts), max_len=512)
         slots = torch.arange(len(prompts))
         positions = torch.arange(padded.shape[1])[None].expand(len(prompts), -1)
         hidden = forward_slots(body, padded, positions, slots, cache)[slots, lengths - 1]
         decoded = [[] for _ in prompts]
         for step in range(12):
-            logp = llm._log_probs(hidden)
-            logp[:, llm.eos_token] = -float("inf")   # within every layout's minimum length
+            logp = llm.head_log_probs(hidden)
+            logp[:, llm.min_len_masked_token] = -float("inf")   # within every layout's minimum length
             tokens = logp.argmax(dim=-1)
             for row, token in enumerate(tokens.tolist()):
                 decoded[row].append(token)
@@ -132,13 +132,13 @@ def test_static_decode_step_equals_the_eager_step(llm, reference):
     them far into the cache (attention over the 512-position span bucket): the same
     log-probabilities as the eager step."""
     ref = reference("llm")
-    body = llm.llm.model.model
+    body = llm.body
     with torch.inference_mode():
         prompts = [llm.prompt_embeddings(*_inputs(ref, layout)) for layout in LAYOUTS]
         cache = SlotKVCache(body, slots=5, max_len=1024)
-        static = StaticDecodeStep(body, llm._log_probs, cache, scratch_slot=4, max_batch=4,
+        static = StaticDecodeStep(body, llm.head_log_probs, cache, scratch_slot=4, max_batch=4,
                                   hidden_size=body.config.hidden_size)
-        eager = eager_decode_step(body, llm._log_probs, cache)
+        eager = eager_decode_step(body, llm.head_log_probs, cache)
         slots = torch.tensor([3, 0, 1])          # any free slots, in any order
         positions = []
         for slot, prompt, start in zip(slots.tolist(), prompts, (0, 300, 40)):

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..loading.model_dir import CHECKPOINTS, QWEN_DIR
-from ..models.llm import MAX_TOKEN_TEXT_RATIO
+from ..models.llm import token_length_limits
 
 ENGINE_MARK = "cosyvoice_engine.json"
 # Longest prompt parts the limits allow for: the reference tokenizer takes at most 30 s of prompt
@@ -52,7 +52,7 @@ class BuildLimits:
         text_tokens = max_text_chars
         return cls(max_batch_size=workers,
                    max_input_len=2 + PROMPT_TEXT_TOKENS + text_tokens + PROMPT_SPEECH_TOKENS,
-                   max_output_len=min(OUTPUT_CAP, MAX_TOKEN_TEXT_RATIO * text_tokens))
+                   max_output_len=min(OUTPUT_CAP, token_length_limits(text_tokens)[1]))
 
     def describe(self) -> str:
         return (f"max_batch_size={self.max_batch_size} max_input_len={self.max_input_len} "

@@ -101,7 +101,7 @@ def merged_tokenizer(qwen_dir: Path, speech_size: int, qwen_rows: int):
 
 def merged_weights(llm: SpeechLM, vocab: MergedVocab) -> dict[str, torch.Tensor]:
     """The HF Qwen2ForCausalLM state dict (float32 on the CPU) of the merged vocabulary."""
-    body = {name: tensor.detach().float().cpu() for name, tensor in llm.llm.model.model.state_dict().items()}
+    body = {name: tensor.detach().float().cpu() for name, tensor in llm.body.state_dict().items()}
     text_embed = body.pop("embed_tokens.weight")                           # [qwen_rows, H]
     hidden = text_embed.shape[1]
     first, last = vocab.speech_offset, vocab.speech_offset + vocab.head_rows
@@ -158,7 +158,7 @@ def export_hf(llm: SpeechLM, qwen_dir: str | Path, out_dir: str | Path,
     if out_dir.exists():
         raise FileExistsError(f"{out_dir} already exists; remove it or choose another output folder")
     tokenizer, vocab = merged_tokenizer(qwen_dir, llm.speech_token_size,
-                                        llm.llm.model.model.embed_tokens.num_embeddings)
+                                        llm.body.embed_tokens.num_embeddings)
     partial = out_dir.with_name(out_dir.name + ".partial")
     if partial.exists():
         shutil.rmtree(partial)   # left by an export that was killed

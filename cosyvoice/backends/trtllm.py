@@ -47,7 +47,7 @@ import torch
 from ..loading.config import YamlConfig
 from ..loading.model_dir import YAML_NAME, read_config
 from ..loading import registry
-from ..models.llm import MAX_TOKEN_TEXT_RATIO, MIN_TOKEN_TEXT_RATIO
+from ..models.llm import token_length_limits
 from .engine_cache import (BuildLimits, EngineKey, engine_dir, engine_is_complete, export_dir,
                            mark_complete)
 from .hf_export import ExportInfo, export_model_dir
@@ -195,12 +195,12 @@ class TrtLlmBackend:
         """See cosyvoice.backends.LLMBackend. The draw for each request is seeded from
         `generator` when the request is submitted (the iterator's first step). `sampling` runs in
         TensorRT-LLM's worker process, so it must be picklable (see the module docstring)."""
-        n_text = text_ids.shape[1]
-        max_len = min(int(n_text * MAX_TOKEN_TEXT_RATIO), self.max_output_len)
+        min_len, max_len = token_length_limits(text_ids.shape[1])
+        max_len = min(max_len, self.max_output_len)
         if max_len == 0:
             return
         sampler = SpeechTokenSampler(self.vocab.speech_offset, self.head_bias, self.vocab.speech_size,
-                                     int(n_text * MIN_TOKEN_TEXT_RATIO), sampling or self.sampling,
+                                     min_len, sampling or self.sampling,
                                      request_seed(generator))
         params = self.sampling_params(
             max_tokens=max_len, end_id=self.vocab.eos_id, pad_id=self.vocab.eos_id,

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..models.llm import N_STOP_TOKENS
+from ..models.llm import SpeechLM
 
 ROW_MULTIPLE = 128
 STOP_NAMES = ("<|eos1|>", "<|eos2|>", "<|eos3|>")
@@ -45,7 +45,7 @@ class MergedVocab:
     @property
     def head_rows(self) -> int:
         """Rows of the speech head and the speech embedding: codes + stop tokens."""
-        return self.speech_size + N_STOP_TOKENS
+        return self.speech_size + SpeechLM.n_extra_tokens
 
     @property
     def stop_ids(self) -> tuple[int, int, int]:

@@ -23,7 +23,7 @@ import torch
 
 from .decode_graphs import DecodeStep, StaticDecodeStep, eager_decode_step
 from ..errors import InputError
-from ..models.llm import MAX_TOKEN_TEXT_RATIO, MIN_TOKEN_TEXT_RATIO, SpeechLM
+from ..models.llm import MAX_TOKEN_TEXT_RATIO, MIN_TOKEN_TEXT_RATIO, SpeechLM, token_length_limits
 from ..models.qwen_slots import SlotKVCache, forward_slots
 
 log = logging.getLogger("cosyvoice.concurrency.llm_scheduler")
@@ -54,7 +54,7 @@ class BatchedLLM:
         """`static_decode`: run decode steps on static shapes, recorded as CUDA graphs on a GPU
         (cosyvoice.concurrency.decode_graphs); default: on a GPU only."""
         self.llm = llm
-        self.body = llm.llm.model.model
+        self.body = llm.body
         self.max_batch = max_batch
         self.max_len = max_len
         self.static_decode = static_decode
@@ -73,15 +73,14 @@ class BatchedLLM:
                  min_token_text_ratio: float = MIN_TOKEN_TEXT_RATIO,
                  max_token_text_ratio: float = MAX_TOKEN_TEXT_RATIO) -> Iterator[int]:
         """Yields speech tokens as the scheduler produces them (see SpeechLM.generate)."""
-        n_text = text_ids.shape[1]
+        min_len, max_len = token_length_limits(text_ids.shape[1], min_token_text_ratio, max_token_text_ratio)
         with torch.inference_mode():
             prompt = self.llm.prompt_embeddings(text_ids, prompt_text_ids, prompt_speech_tokens)
         room = self.max_len - prompt.shape[1]          # cache positions left for generated tokens
-        min_len = int(n_text * min_token_text_ratio)
         if room <= min_len:
             raise InputError(f"the voice prompt and text need more than {self.max_len} LLM positions: "
                              "use a shorter prompt or text")
-        request = _Request(prompt, min_len, min(int(n_text * max_token_text_ratio), room),
+        request = _Request(prompt, min_len, min(max_len, room),
                            sampling or self.llm.sampling, generator)
         self._ensure_running()
         self._waiting.put(request)
@@ -128,10 +127,10 @@ class BatchedLLM:
     def _decode_step(self) -> DecodeStep:
         device = self._cache.keys.device
         static = self.static_decode if self.static_decode is not None else device.type == "cuda"
-        eager = eager_decode_step(self.body, self.llm._log_probs, self._cache)
+        eager = eager_decode_step(self.body, self.llm.head_log_probs, self._cache)
         if not static:
             return eager
-        step = StaticDecodeStep(self.body, self.llm._log_probs, self._cache, scratch_slot=self.max_batch,
+        step = StaticDecodeStep(self.body, self.llm.head_log_probs, self._cache, scratch_slot=self.max_batch,
                                 max_batch=self.max_batch, hidden_size=self.body.config.hidden_size)
         if device.type == "cuda":
             try:
@@ -176,7 +175,7 @@ class BatchedLLM:
         slots = torch.tensor([r.slot for r in batch], device=device)
         hidden = forward_slots(self.body, inputs, positions, slots, self._cache, max(lengths))   # [B, T, H]
         last = hidden[torch.arange(len(batch), device=device), torch.tensor(lengths, device=device) - 1]
-        for request, length, logp in zip(batch, lengths, self.llm._log_probs(last)):
+        for request, length, logp in zip(batch, lengths, self.llm.head_log_probs(last)):
             request.position = length
             self._take_token(request, logp)
 
@@ -194,7 +193,7 @@ class BatchedLLM:
     def _take_token(self, request: _Request, logp: torch.Tensor) -> None:
         """Samples the request's next token from logp [V]; emits it or ends the request."""
         if len(request.decoded) < request.min_len:
-            logp[self.llm.eos_token] = -float("inf")
+            logp[self.llm.min_len_masked_token] = -float("inf")
         token = request.sample(logp, request.decoded, generator=request.generator)
         if self.llm.is_stop_token(token):
             self._finish(request, _END)
