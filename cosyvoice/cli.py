@@ -21,7 +21,7 @@ import torch
 
 from .backends.hf_export import add_export_command
 from .errors import InputError
-from .loading.model_dir import ModelDirError
+from .errors import ModelDirError
 from .tools.make_model import DEMO_SPEAKER, add_make_model_command, make_model
 
 MODES = ("zero_shot", "cross_lingual", "instruct2", "sft")

@@ -3,3 +3,7 @@
 
 class InputError(ValueError):
     """A request cannot be synthesised as given (empty text, unknown speaker, bad prompt, ...)."""
+
+
+class ModelDirError(RuntimeError):
+    """The model directory is missing something, or holds files that do not fit together."""

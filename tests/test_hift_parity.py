@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import report_error
 
-from cosyvoice.loading.model_dir import YAML_NAME, build_stage, load_stage, read_config
+from cosyvoice.loading.model_dir import build_stage, load_stage, read_config
 from cosyvoice.models.hift import ConvRNNF0Predictor, HiFTGenerator, SourceNoise, normalize_hift_state_dict
 
 pytestmark = pytest.mark.parity
@@ -12,7 +12,7 @@ pytestmark = pytest.mark.parity
 
 def build_hift(model_dir, state_dict=None) -> HiFTGenerator:
     """HiFT built from the yaml with `state_dict` (default: hift.pt) loaded strictly, weight norm NOT folded."""
-    config = read_config(model_dir / YAML_NAME)
+    config = read_config(model_dir / "cosyvoice2.yaml")
     hift = build_stage(config, "hift").eval()
     if state_dict is None:
         state_dict = torch.load(model_dir / "hift.pt", map_location="cpu", weights_only=True)

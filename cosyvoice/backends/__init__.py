@@ -16,7 +16,7 @@ from typing import Callable, Iterator, Protocol
 
 import torch
 
-from ..loading.model_dir import load_stage
+from ..loading.model_dir import ModelDir, load_stage
 
 BACKEND_NAMES = ("torch", "torch-serial", "trtllm")
 
@@ -32,16 +32,16 @@ class LLMBackend(Protocol):
         ...
 
 
-# (model_dir, device, dtype) -> a loaded backend
-BackendFactory = Callable[[Path, torch.device, torch.dtype], LLMBackend]
+# (model directory, device, dtype) -> a loaded backend
+BackendFactory = Callable[[ModelDir, torch.device, torch.dtype], LLMBackend]
 
 
-def serial_torch_backend(model_dir: Path, device: torch.device, dtype: torch.dtype) -> LLMBackend:
+def serial_torch_backend(model_dir: ModelDir, device: torch.device, dtype: torch.dtype) -> LLMBackend:
     """The PyTorch SpeechLM of the model directory, one request at a time per caller."""
     return load_stage(model_dir, "llm", device, dtype)
 
 
-def torch_backend(model_dir: Path, device: torch.device, dtype: torch.dtype, max_batch: int = 8) -> LLMBackend:
+def torch_backend(model_dir: ModelDir, device: torch.device, dtype: torch.dtype, max_batch: int = 8) -> LLMBackend:
     """The PyTorch SpeechLM with continuous batching across up to `max_batch` concurrent requests."""
     from ..concurrency.llm_scheduler import BatchedLLM
     return BatchedLLM(load_stage(model_dir, "llm", device, dtype), max_batch=max_batch)

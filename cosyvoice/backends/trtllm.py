@@ -45,7 +45,7 @@ from typing import Callable, Iterator
 import torch
 
 from ..loading.config import YamlConfig
-from ..loading.model_dir import YAML_NAME, read_config
+from ..loading.model_dir import ModelDir
 from ..loading import registry
 from ..models.llm import token_length_limits
 from .engine_cache import (BuildLimits, EngineKey, engine_dir, engine_is_complete, export_dir,
@@ -105,7 +105,7 @@ class TrtLlmFactory:
     kv_cache_fraction: float = 0.2       # most of the free GPU memory the KV cache may take
     engine_options: dict = field(default_factory=dict)   # more LLM(...) arguments, passed as given
 
-    def __call__(self, model_dir: Path, device: torch.device, dtype: torch.dtype) -> "TrtLlmBackend":
+    def __call__(self, model: ModelDir, device: torch.device, dtype: torch.dtype) -> "TrtLlmBackend":
         """`dtype` (the flow's and HiFT's) does not apply: the engine's is `self.dtype`."""
         device = torch.device(device)
         if device.type != "cuda" or not torch.cuda.is_available():
@@ -115,7 +115,7 @@ class TrtLlmFactory:
             raise BackendUnavailable("the TensorRT-LLM backend uses the first visible GPU; choose it "
                                      "with CUDA_VISIBLE_DEVICES and pass --device cuda")
         trtllm = import_tensorrt_llm()
-        model_dir = Path(model_dir)
+        model_dir = model.path
         cache_dir = Path(self.cache_dir) if self.cache_dir is not None else model_dir / "trtllm"
         hf_dir = ensure_export(model_dir, cache_dir)
         info = ExportInfo.read(hf_dir)
@@ -126,7 +126,7 @@ class TrtLlmFactory:
         llm = self.open_engine(hf_dir, engine_dir(cache_dir, key), key)
         vocab = info.vocab
         bias = read_lm_head_bias(hf_dir)[vocab.speech_offset:vocab.speech_offset + vocab.head_rows]
-        sampling = yaml_sampling(read_config(model_dir / YAML_NAME))
+        sampling = yaml_sampling(model.config)
         return TrtLlmBackend(llm, trtllm.SamplingParams, vocab, bias, sampling, self.limits.max_output_len)
 
     def open_engine(self, hf_dir: Path, folder: Path, key: EngineKey):

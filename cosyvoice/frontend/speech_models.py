@@ -92,9 +92,10 @@ class PromptFeatureExtractor:
     """
 
     def __init__(self, model_dir: str | Path, mel_params: dict, token_mel_ratio: int = 2,
-                 device: str = "cpu"):
+                 device: str = "cpu", speech_tokenizer: str | Path | None = None):
+        """`speech_tokenizer`: the ONNX speech tokenizer (default: model_dir/speech_tokenizer_v2.onnx)."""
         model_dir = Path(model_dir)
-        self.tokenizer = SpeechTokenizer(model_dir / TOKENIZER_FILE, device)
+        self.tokenizer = SpeechTokenizer(speech_tokenizer or model_dir / TOKENIZER_FILE, device)
         self.speaker_encoder = SpeakerEncoder(model_dir / SPEAKER_ENCODER_FILE, device)
         self.mel_params = MelParams(**mel_params)
         self.token_mel_ratio = token_mel_ratio

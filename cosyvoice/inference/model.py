@@ -1,6 +1,6 @@
-"""CosyVoice2 inference modes: text (+ a voice) -> streamed float32 audio chunks.
+"""Inference modes: text (+ a voice) -> streamed float32 audio chunks, for either generation.
 
-    tts = cosyvoice.load("pretrained_models/CosyVoice2-0.5B", device="cuda")
+    tts = cosyvoice.load("pretrained_models/Fun-CosyVoice3-0.5B", device="cuda")
     voice = tts.prepare_voice("prompt.wav", "transcript of prompt.wav")   # reusable, savable
     for chunk in tts.zero_shot("Text to speak.", voice=voice, stream=True):
         play(chunk, tts.sample_rate)
@@ -12,28 +12,32 @@ Modes (what the LLM and the flow are conditioned on):
     sft            LLM: nothing;                                  flow: a built-in speaker vector
 Long texts are split into segments, each synthesised in turn; with stream=True every segment
 streams. Every method validates its arguments when called (raising InputError) and returns an
-iterator of chunks.
+iterator of chunks. `CosyVoice2` and `CosyVoice3` differ only in their prompt conventions
+(cosyvoice.inference.prompts), how the vocoder joins stream chunks, and CosyVoice3's dropping
+of long silences; their stages come from the model directory.
 """
 from __future__ import annotations
 
 import os
 import threading
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
-from ..errors import InputError
+from ..backends import BackendFactory, backend_factory
 from ..concurrency.flow_batching import BatchedFlowDecoder
+from ..errors import InputError, ModelDirError
 from ..frontend.audio import load_audio
 from ..frontend.speech_models import PromptFeatureExtractor
 from ..frontend.text import TextNormalizer
-from ..frontend.tokenizer import END_OF_PROMPT, QwenTokenizer
-from ..backends import BackendFactory, backend_factory
-from ..loading.model_dir import QWEN_DIR, YAML_NAME, check_model_dir, load_stage, read_config, read_settings
-from .synthesis import ModelInput, Synthesizer
+from ..frontend.tokenizer import QwenTokenizer
+from ..loading.generations import COSYVOICE2, COSYVOICE3, Generation
+from ..loading.model_dir import ModelDir, load_stage, open_model_dir
 from ..voice import Voice
+from .prompts import CosyVoice2Prompts, CosyVoice3Prompts
+from .synthesis import CrossFadeVocoding, ModelInput, Synthesizer, WholeMelVocoding
 
 AudioInput = str | Path | bytes | np.ndarray
 SPEAKERS_FILE = "spk2info.pt"
@@ -47,8 +51,9 @@ def default_ttsfrd_resource(model_dir: Path) -> Path:
     return Path(configured) if configured else model_dir.parent / "CosyVoice-ttsfrd" / "resource"
 
 
-class CosyVoice2:
-    """One loaded model; safe to use from several threads at once.
+class CosyVoice:
+    """One loaded model; safe to use from several threads at once. Use a generation's class
+    (CosyVoice2, CosyVoice3) or `cosyvoice.load`, which picks it from the directory.
 
     `llm_backend` runs the LLM stage: "torch" (our SpeechLM), "trtllm" (TensorRT-LLM, see
     cosyvoice.backends) or a factory (model_dir, device, dtype) -> backend. `flow_batch` is how
@@ -60,29 +65,34 @@ class CosyVoice2:
     def __init__(self, model_dir: str | Path, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, ttsfrd_resource: str | Path | None = None,
                  llm_backend: str | BackendFactory = "torch", flow_batch: int | None = None):
-        self.model_dir = check_model_dir(model_dir)
+        model = open_model_dir(model_dir)
+        if model.generation is not self.generation_info:
+            raise ModelDirError(f"{model.path} holds a {model.generation.name} model, not "
+                                f"{self.generation_info.name}: load it with cosyvoice.load")
+        self.model_dir = model.path
         self.device = torch.device(device)
         make_llm = backend_factory(llm_backend)
-        self.settings = read_settings(read_config(self.model_dir / YAML_NAME,
-                                                  qwen_path=self.model_dir / QWEN_DIR))
-        flow = load_stage(self.model_dir, "flow", self.device, dtype)
-        hift = load_stage(self.model_dir, "hift", self.device, dtype)
-        llm = make_llm(self.model_dir, self.device, dtype)
+        self.settings = model.settings
+        flow = load_stage(model, "flow", self.device, dtype)
+        hift = load_stage(model, "hift", self.device, dtype)
+        llm = make_llm(model, self.device, dtype)
         self.sample_rate = self.settings.sample_rate
-        self.generation = "CosyVoice2"   # the model generation, as users name it
-        self.tokenizer = QwenTokenizer(self.settings.qwen_path)
+        self.generation = self.generation_info.name   # as users name it: "CosyVoice2", "CosyVoice3"
+        self.tokenizer = QwenTokenizer(self.settings.qwen_path, self.generation_info.special_tokens)
         resource = Path(ttsfrd_resource) if ttsfrd_resource else default_ttsfrd_resource(self.model_dir)
         self.normalizer = TextNormalizer(self.tokenizer.count, resource)
         self._normalizer_lock = threading.Lock()   # FST normalisers are not thread-safe
         self.prompt_features = PromptFeatureExtractor(self.model_dir, self.settings.mel,
-                                                      self.settings.token_mel_ratio, str(self.device))
+                                                      self.settings.token_mel_ratio, str(self.device),
+                                                      speech_tokenizer=model.speech_tokenizer)
         if flow_batch is None:
             flow_batch = 1 if self.device.type == "cpu" else DEFAULT_GPU_FLOW_BATCH
         if flow_batch < 1:
             raise ValueError(f"flow_batch must be at least 1, got {flow_batch}")
         flow_decoder = BatchedFlowDecoder(flow.decoder, flow_batch) if flow_batch > 1 else flow.decoder
         self.synthesizer = Synthesizer(llm, flow, hift, token_hop=self.settings.chunk_size,
-                                       flow_decoder=flow_decoder)
+                                       flow_decoder=flow_decoder, vocoding=self.vocoding,
+                                       silent_tokens=self.silent_tokens, max_silent_run=self.max_silent_run)
         self._n_mels = flow.output_size
         self.speakers = self._load_speakers(self.model_dir / SPEAKERS_FILE)
 
@@ -112,12 +122,13 @@ class CosyVoice2:
         prompt audio (needed for zero_shot, unused by cross_lingual and instruct2)."""
         samples, rate = load_audio(prompt_audio, sample_rate)
         features = self.prompt_features.extract(samples, rate)
-        normalized = self._normalize(prompt_text) if prompt_text.strip() else ""
+        normalized = self._normalize(self.prompts.transcript(prompt_text)) if prompt_text.strip() else ""
         return Voice(prompt_text=normalized,
                      prompt_text_ids=self._ids(normalized),
                      speech_tokens=torch.from_numpy(features.speech_tokens),
                      embedding=torch.from_numpy(features.embedding),
-                     speech_feat=torch.from_numpy(features.speech_feat))
+                     speech_feat=torch.from_numpy(features.speech_feat),
+                     generation=self.generation)
 
     def _load_speakers(self, path: Path) -> dict[str, Voice | torch.Tensor]:
         """spk2info.pt: speaker id -> a speaker vector (sft) or a cached zero-shot prompt."""
@@ -131,7 +142,8 @@ class CosyVoice2:
                                        prompt_text_ids=entry.get("prompt_text", self._ids("")).int(),
                                        speech_tokens=entry["flow_prompt_speech_token"].int(),
                                        embedding=entry["flow_embedding"].float(),
-                                       speech_feat=entry["prompt_speech_feat"].float())
+                                       speech_feat=entry["prompt_speech_feat"].float(),
+                                       generation=self.generation)
             else:
                 speakers[name] = entry["embedding"].float().reshape(1, -1)
         return speakers
@@ -139,6 +151,10 @@ class CosyVoice2:
     def _resolve_voice(self, voice: Voice | str | None, prompt_audio: AudioInput | None,
                        prompt_text: str, sample_rate: int | None, mode: str) -> Voice:
         if isinstance(voice, Voice):
+            if voice.generation != self.generation:
+                raise InputError(f"this voice was prepared by a {voice.generation} model; this is "
+                                 f"{self.generation}, whose prompt features differ: prepare it again "
+                                 "from its prompt audio")
             return voice
         if isinstance(voice, str):
             found = self.speakers.get(voice)
@@ -174,7 +190,7 @@ class CosyVoice2:
         voice = self._resolve_voice(voice, prompt_audio, "", sample_rate, "cross_lingual")
         inputs = [ModelInput(ids, self._ids(""), self._no_tokens(), voice.speech_tokens,
                              voice.speech_feat, voice.embedding)
-                  for ids in self._segments(text, text_frontend)]
+                  for ids in self._segments(text, text_frontend, self.prompts.unprompted_text)]
         return self._run(inputs, stream, speed, seed)
 
     def instruct2(self, text: str, instruct: str, prompt_audio: AudioInput | None = None, *,
@@ -185,10 +201,8 @@ class CosyVoice2:
         ("用开心的语气说", "speak slowly"); the instruction is used as written."""
         if not instruct or not instruct.strip():
             raise InputError("instruct2 needs an instruction (instruct text)")
-        if END_OF_PROMPT not in instruct:
-            instruct += END_OF_PROMPT
         voice = self._resolve_voice(voice, prompt_audio, "", sample_rate, "instruct2")
-        instruct_ids = self._ids(instruct)
+        instruct_ids = self._ids(self.prompts.instruction(instruct))
         inputs = [ModelInput(ids, instruct_ids, self._no_tokens(), voice.speech_tokens,
                              voice.speech_feat, voice.embedding)
                   for ids in self._segments(text, text_frontend)]
@@ -204,7 +218,7 @@ class CosyVoice2:
         embedding = entry.embedding if isinstance(entry, Voice) else entry
         inputs = [ModelInput(ids, self._ids(""), self._no_tokens(), self._no_tokens(),
                              torch.zeros(1, 0, self._n_mels), embedding)
-                  for ids in self._segments(text, text_frontend)]
+                  for ids in self._segments(text, text_frontend, self.prompts.unprompted_text)]
         return self._run(inputs, stream, speed, seed)
 
     # ---- helpers -----------------------------------------------------------------------------
@@ -228,8 +242,10 @@ class CosyVoice2:
         with self._normalizer_lock:
             return self.normalizer.normalize(text)
 
-    def _segments(self, text: str, text_frontend: bool) -> list[torch.Tensor]:
-        """Text -> token ids [1, L] of each segment to synthesise."""
+    def _segments(self, text: str, text_frontend: bool,
+                  written: Callable[[str], str] = str) -> list[torch.Tensor]:
+        """Text -> token ids [1, L] of each segment to synthesise, each segment first passed
+        through `written` (a generation's prompt convention)."""
         if not isinstance(text, str) or not text.strip():
             raise InputError("the text to speak is empty")
         if text_frontend:
@@ -237,8 +253,7 @@ class CosyVoice2:
                 segments = self.normalizer.split(text)
         else:
             segments = [text]
-        segment_ids = [self._ids(s) for s in segments]
-        segment_ids = [ids for ids in segment_ids if ids.shape[1] > 0]
+        segment_ids = [self._ids(written(s)) for s in segments if s]
         if not segment_ids:
             raise InputError("the text has nothing to speak (only punctuation or symbols)")
         return segment_ids
@@ -249,3 +264,27 @@ class CosyVoice2:
     @staticmethod
     def _no_tokens() -> torch.Tensor:
         return torch.zeros(1, 0, dtype=torch.int32)
+
+
+class CosyVoice2(CosyVoice):
+    """CosyVoice2-0.5B: see CosyVoice for the modes."""
+    generation_info: Generation = COSYVOICE2
+    prompts = CosyVoice2Prompts()
+    vocoding = CrossFadeVocoding
+    silent_tokens: frozenset[int] = frozenset()
+    max_silent_run = 0
+
+
+class CosyVoice3(CosyVoice):
+    """Fun-CosyVoice3-0.5B: see CosyVoice for the modes and cosyvoice.inference.prompts for
+    how its prompts are written. Text may carry its control tokens (`[breath]`, `<strong>`...)
+    and pronunciation units (pinyin such as `[j][ǐ]`, CMU phones such as `[AH0]`)."""
+    generation_info: Generation = COSYVOICE3
+    prompts = CosyVoice3Prompts()
+    vocoding = WholeMelVocoding
+    # Speech codes of silence and breath; the reference drops them once more than 5 come in a row.
+    silent_tokens = frozenset({1, 2, 28, 29, 55, 248, 494, 2241, 2242, 2322, 2323})
+    max_silent_run = 5
+
+
+MODEL_CLASSES = {cls.generation_info.name: cls for cls in (CosyVoice2, CosyVoice3)}

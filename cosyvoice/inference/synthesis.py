@@ -1,29 +1,33 @@
-"""One utterance from model inputs to waveform chunks: LLM tokens -> flow mel -> HiFT audio.
+"""One utterance from model inputs to waveform chunks: LLM tokens -> flow mel -> vocoder audio.
 
 Streaming follows the reference schedule. The LLM's tokens are collected; each time enough have
 arrived, the flow turns all tokens so far into mel (it recomputes the prefix, with chunk-causal
 attention, so earlier frames do not change), and the vocoder renders the new frames:
 
     chunk 0: first `hop + prompt_pad` tokens (+ lookahead), then hops of 2x, 4x ... up to `max_hop`
-    every non-final chunk holds back the last `cache_samples` of audio and cross-fades them into
-    the next chunk, whose vocoder call also sees the previous chunk's last mel frames and source;
     the final call runs the flow with full attention over all tokens.
 
 `prompt_pad` aligns the first chunk border with the flow's attention chunks, which count from the
-start of the prompt tokens.
+start of the prompt tokens. How the vocoder joins chunks depends on the generation:
+
+    CrossFadeVocoding (CosyVoice2)  every non-final chunk holds back the last `cache_samples` of
+                                    audio and cross-fades them into the next chunk, whose vocoder
+                                    call also sees the previous chunk's last mel frames and source
+    WholeMelVocoding (CosyVoice3)   the causal vocoder runs over the whole mel so far and the new
+                                    samples are emitted: the stream equals one run over the final mel
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 
-VOCODER_CACHE_FRAMES = 8      # mel frames of the previous chunk the vocoder sees again
+VOCODER_CACHE_FRAMES = 8      # mel frames of the previous chunk the CosyVoice2 vocoder sees again
 MAX_HOP_TOKENS = 100          # the streaming hop doubles up to this many tokens
 HOP_GROWTH = 2
 
@@ -43,24 +47,94 @@ class ModelInput:
 
 
 @dataclass
-class VocoderCache:
-    """What a streaming vocoder call leaves for the next one."""
-    mel: torch.Tensor      # [1, n_mels, VOCODER_CACHE_FRAMES]
-    source: torch.Tensor   # [1, 1, cache_samples]
-    speech: torch.Tensor   # [1, cache_samples], the held-back tail of the previous chunk
-
-
-@dataclass
 class StreamState:
     """Per-request streaming position (never shared between requests)."""
     hop: int
     prompt_pad: int
     offset: int = 0                       # tokens already rendered
-    cache: VocoderCache | None = None
     chunks: int = 0                       # chunks emitted
 
     def next_hop(self) -> int:
         return self.hop + (self.prompt_pad if self.chunks == 0 else 0)
+
+
+class CrossFadeVocoding:
+    """CosyVoice2's HiFT per chunk: each call sees the previous chunk's last mel frames and
+    source again, and its first samples cross-fade with the previous chunk's held-back tail."""
+
+    def __init__(self, hift, generator: torch.Generator | None):
+        self.hift = hift
+        self.generator = generator
+        self.cache_samples = VOCODER_CACHE_FRAMES * hift.samples_per_frame
+        self.mel: torch.Tensor | None = None      # [1, n_mels, VOCODER_CACHE_FRAMES]
+        self.source: torch.Tensor | None = None   # [1, 1, cache_samples]
+        self.tail: torch.Tensor | None = None     # [1, cache_samples] held back from the last chunk
+        # A symmetric Hamming window over two cache lengths: its rising half fades the new chunk
+        # in, its falling half fades the previous tail out (the halves sum to about 1.08, as in
+        # the reference).
+        window = np.hamming(2 * self.cache_samples).astype(np.float32)
+        self.fade_window = torch.from_numpy(window).to(hift.window.device)   # [2 * cache_samples]
+
+    def render(self, mel: torch.Tensor, finalize: bool, speed: float = 1.0) -> np.ndarray:
+        """mel [1, n_mels, T_new] of the new frames -> this chunk's samples."""
+        if self.mel is not None:
+            mel = torch.cat([self.mel, mel], dim=2)
+        elif speed != 1.0:
+            mel = F.interpolate(mel, size=int(mel.shape[2] / speed), mode="linear")
+        if mel.shape[2] == 0:
+            return np.zeros(0, dtype=np.float32)
+        speech, source = self.hift.inference(mel, self.source, generator=self.generator)  # [1, S], [1, 1, S]
+        if self.tail is not None:
+            speech = self._cross_fade(speech, self.tail)
+        if finalize:
+            return speech[0].cpu().numpy()
+        self.mel = mel[:, :, -VOCODER_CACHE_FRAMES:]
+        self.source = source[:, :, -self.cache_samples:]
+        self.tail = speech[:, -self.cache_samples:]
+        return speech[0, :-self.cache_samples].cpu().numpy()
+
+    def _cross_fade(self, speech: torch.Tensor, previous_tail: torch.Tensor) -> torch.Tensor:
+        """speech [1, S]: its first samples fade in while the previous chunk's tail fades out."""
+        n = previous_tail.shape[1]
+        window = self.fade_window
+        speech = speech.clone()
+        speech[:, :n] = speech[:, :n] * window[:n] + previous_tail * window[n:]
+        return speech
+
+
+class WholeMelVocoding:
+    """CosyVoice3's causal HiFT: each call runs over the whole mel so far and the samples not
+    yet emitted are returned. Its non-final output is an exact prefix of a final run, so the
+    stream equals one vocoder run over the final mel. With speed != 1 (whole utterances only)
+    the output is stretched, as in the reference."""
+
+    def __init__(self, hift, generator: torch.Generator | None = None):
+        self.hift = hift
+        self.mel: torch.Tensor | None = None     # [1, n_mels, T] everything so far
+        self.emitted = 0                          # samples returned so far
+
+    def render(self, mel: torch.Tensor, finalize: bool, speed: float = 1.0) -> np.ndarray:
+        self.mel = mel if self.mel is None else torch.cat([self.mel, mel], dim=2)
+        whole = self.mel
+        if speed != 1.0:
+            whole = F.interpolate(whole, size=int(whole.shape[2] / speed), mode="linear")
+        if whole.shape[2] == 0:
+            return np.zeros(0, dtype=np.float32)
+        speech, _ = self.hift.inference(whole, finalize=finalize)            # [1, S]
+        new = speech[0, self.emitted:]
+        self.emitted += new.shape[0]
+        return new.cpu().numpy()
+
+
+def drop_long_silences(tokens: Iterable[int], silent_tokens: frozenset[int], max_run: int) -> Iterator[int]:
+    """Passes tokens on, dropping silent ones once more than `max_run` come in a row (CosyVoice3
+    does this between its LLM and flow, so long pauses do not reach the audio; the LLM itself
+    has seen every token)."""
+    run = 0
+    for token in tokens:
+        run = run + 1 if token in silent_tokens else 0
+        if run <= max_run:
+            yield token
 
 
 def _fork(generator: torch.Generator | None) -> torch.Generator | None:
@@ -75,18 +149,21 @@ def _fork(generator: torch.Generator | None) -> torch.Generator | None:
 class Synthesizer:
     """Runs the three stages for one utterance; stateless, so one instance serves all threads."""
 
-    def __init__(self, llm, flow, hift, token_hop: int, flow_decoder: Callable[..., torch.Tensor] | None = None):
+    def __init__(self, llm, flow, hift, token_hop: int, flow_decoder: Callable[..., torch.Tensor] | None = None,
+                 vocoding: type = CrossFadeVocoding, silent_tokens: frozenset[int] = frozenset(),
+                 max_silent_run: int = 0):
         """`flow_decoder` runs the flow's decoder (default: `flow.decoder` itself; a
-        `BatchedFlowDecoder` batches it across concurrent requests)."""
+        `BatchedFlowDecoder` batches it across concurrent requests). `vocoding` is how the
+        vocoder joins chunks; `silent_tokens` runs longer than `max_silent_run` are dropped
+        before the flow (CosyVoice3)."""
         self.llm, self.flow, self.hift = llm, flow, hift
         self.flow_decoder = flow_decoder
         self.token_hop = token_hop
+        self.vocoding = vocoding
+        self.silent_tokens = silent_tokens
+        self.max_silent_run = max_silent_run
         self.mel_ratio = flow.token_mel_ratio
         self.lookahead = flow.pre_lookahead_len
-        self.cache_samples = VOCODER_CACHE_FRAMES * hift.samples_per_frame
-        # Symmetric Hamming window over two cache lengths: rising half fades the new chunk in,
-        # falling half fades the previous tail out (the halves sum to about 1.08, as in the reference).
-        self.fade_window = torch.from_numpy(np.hamming(2 * self.cache_samples).astype(np.float32)).to(self.device)
 
     @property
     def device(self) -> torch.device:
@@ -110,13 +187,18 @@ class Synthesizer:
         # make their order, and so a seeded result, depend on timing.
         llm_generator = _fork(generator)
         request = request.to(self.device)   # once, not per chunk (voices are kept on the CPU)
-        tokens_in = iter(source_tokens) if source_tokens is not None else \
-            self.tokens(request, llm_generator, sampling)
+        if source_tokens is not None:
+            tokens_in = iter(source_tokens)
+        else:
+            tokens_in = self.tokens(request, llm_generator, sampling)
+            if self.silent_tokens:
+                tokens_in = drop_long_silences(tokens_in, self.silent_tokens, self.max_silent_run)
+        vocoder = self.vocoding(self.hift, generator)
         if not stream:
             tokens = list(tokens_in)
             if generator is not None:   # the vocoder goes on where the LLM stopped, as with one generator
                 generator.set_state(llm_generator.get_state())
-            yield self._render(request, tokens, 0, None, finalize=True, speed=speed, generator=generator)[0]
+            yield vocoder.render(self._mel(request, tokens, 0, finalize=True), finalize=True, speed=speed)
             return
 
         n_prompt = request.flow_prompt_tokens.shape[1]
@@ -128,51 +210,25 @@ class Synthesizer:
             hop = state.next_hop()
             if len(tokens) - state.offset < hop + self.lookahead:
                 continue
-            chunk, state.cache = self._render(request, tokens[:state.offset + hop + self.lookahead],
-                                              state.offset, state.cache, finalize=False,
-                                              generator=generator)
+            mel = self._mel(request, tokens[:state.offset + hop + self.lookahead], state.offset, finalize=False)
             state.offset += hop
             state.chunks += 1
             state.hop = min(MAX_HOP_TOKENS, state.hop * HOP_GROWTH)
-            yield chunk
-        chunk, _ = self._render(request, tokens, state.offset, state.cache, finalize=True,
-                                generator=generator)
+            chunk = vocoder.render(mel, finalize=False)
+            if chunk.size:
+                yield chunk
+        chunk = vocoder.render(self._mel(request, tokens, state.offset, finalize=True), finalize=True)
         if chunk.size:
             yield chunk
 
-    def _render(self, request: ModelInput, tokens: list[int], token_offset: int,
-                cache: VocoderCache | None, finalize: bool, speed: float = 1.0,
-                generator: torch.Generator | None = None) -> tuple[np.ndarray, VocoderCache | None]:
-        """Flow + vocoder over `tokens`, keeping the audio from `token_offset` on.
+    def _mel(self, request: ModelInput, tokens: list[int], token_offset: int, finalize: bool) -> torch.Tensor:
+        """The flow over `tokens`, keeping the frames from `token_offset` on: [1, n_mels, T_new].
 
         A non-final call runs the flow with chunk attention and holds the last `lookahead` tokens
         back as right context; the final call uses full attention over every token.
         """
         token_tensor = torch.tensor([tokens], dtype=torch.int32, device=self.device)
         mel = self.flow.inference(token_tensor, request.flow_prompt_tokens, request.prompt_feat,
-                                  request.embedding, streaming=not finalize, finalize=finalize, decoder=self.flow_decoder)
-        mel = mel[:, :, token_offset * self.mel_ratio:]          # [1, n_mels, T_new]
-        cache_source = None
-        if cache is not None:
-            mel = torch.cat([cache.mel, mel], dim=2)
-            cache_source = cache.source
-        elif speed != 1.0:
-            mel = F.interpolate(mel, size=int(mel.shape[2] / speed), mode="linear")
-        if mel.shape[2] == 0:
-            return np.zeros(0, dtype=np.float32), None
-        speech, source = self.hift.inference(mel, cache_source, generator=generator)  # [1, S], [1, 1, S]
-        if cache is not None:
-            speech = self._cross_fade(speech, cache.speech)
-        if finalize:
-            return speech[0].cpu().numpy(), None
-        next_cache = VocoderCache(mel[:, :, -VOCODER_CACHE_FRAMES:], source[:, :, -self.cache_samples:],
-                                  speech[:, -self.cache_samples:])
-        return speech[0, :-self.cache_samples].cpu().numpy(), next_cache
-
-    def _cross_fade(self, speech: torch.Tensor, previous_tail: torch.Tensor) -> torch.Tensor:
-        """speech [1, S]: its first samples fade in while the previous chunk's tail fades out."""
-        n = previous_tail.shape[1]
-        window = self.fade_window                            # [2 * cache_samples]
-        speech = speech.clone()
-        speech[:, :n] = speech[:, :n] * window[:n] + previous_tail * window[n:]
-        return speech
+                                  request.embedding, streaming=not finalize, finalize=finalize,
+                                  decoder=self.flow_decoder)
+        return mel[:, :, token_offset * self.mel_ratio:]

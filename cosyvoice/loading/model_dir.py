@@ -1,14 +1,15 @@
-"""Loads an official CosyVoice2 model directory (as ModelScope delivers it) into our modules.
+"""Loads an official model directory (as ModelScope delivers it) into our modules.
 
     model_dir/
-      cosyvoice2.yaml           hyper-parameters and object graph  -> cosyvoice.loading.config
-      llm.pt flow.pt hift.pt    state dicts, loaded with strict key matching
-      CosyVoice-BlankEN/        Qwen2 config + tokenizer (its weights are not used: llm.pt has them)
-      campplus.onnx speech_tokenizer_v2.onnx   used by the frontend
-      spk2info.pt               optional built-in speakers
+      cosyvoice2.yaml | cosyvoice3.yaml   hyper-parameters and object graph; names the generation
+      llm.pt flow.pt hift.pt              state dicts, loaded with strict key matching
+      CosyVoice-BlankEN/                  Qwen2 config + tokenizer (its weights are not used)
+      campplus.onnx speech_tokenizer_v2.onnx | speech_tokenizer_v3.onnx   used by the frontend
+      spk2info.pt                         optional built-in speakers
 
-Every problem with the directory raises `ModelDirError` with a message that names the file and
-says what is wrong, so the server and installer can show it as one line.
+`open_model_dir` checks the files and reads the yaml once; `load_stage` builds one stage from
+it. Every problem with the directory raises `ModelDirError` with a message that names the file
+and says what is wrong, so the server and installer can show it as one line.
 """
 from __future__ import annotations
 
@@ -20,36 +21,30 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import ConfigError, YamlConfig
+from ..errors import ModelDirError
 from . import registry
+from .config import ConfigError, YamlConfig
+from .generations import GENERATIONS, UNSUPPORTED, Generation, of_config
 
-YAML_NAME = "cosyvoice2.yaml"
 QWEN_DIR = "CosyVoice-BlankEN"
 CHECKPOINTS = {"llm": "llm.pt", "flow": "flow.pt", "hift": "hift.pt"}
-# The class each stage must be in a CosyVoice2 yaml.
-STAGE_CLASSES = {
-    "llm": "cosyvoice.llm.llm.Qwen2LM",
-    "flow": "cosyvoice.flow.flow.CausalMaskedDiffWithXvec",
-    "hift": "cosyvoice.hifigan.generator.HiFTGenerator",
-}
-REQUIRED_FILES = (YAML_NAME, *CHECKPOINTS.values(), "campplus.onnx", "speech_tokenizer_v2.onnx",
-                  f"{QWEN_DIR}/config.json", f"{QWEN_DIR}/vocab.json", f"{QWEN_DIR}/merges.txt",
-                  f"{QWEN_DIR}/tokenizer_config.json")
-OTHER_GENERATIONS = {"cosyvoice.yaml": "CosyVoice (300M, version 1)",
-                     "cosyvoice3.yaml": "Fun-CosyVoice3"}
+STAGES = tuple(CHECKPOINTS)
 
-# The Qwen2-0.5B architecture of CosyVoice2-0.5B, for building the full-size model from a
-# bare yaml (benchmarks, shape checks) where no CosyVoice-BlankEN/config.json is at hand.
+
+def required_files(generation: Generation) -> tuple[str, ...]:
+    return (generation.yaml_name, *CHECKPOINTS.values(), "campplus.onnx", generation.speech_tokenizer,
+            f"{QWEN_DIR}/config.json", f"{QWEN_DIR}/vocab.json", f"{QWEN_DIR}/merges.txt",
+            f"{QWEN_DIR}/tokenizer_config.json")
+
+
+# The Qwen2-0.5B architecture of CosyVoice2-0.5B and Fun-CosyVoice3-0.5B, for building the
+# full-size model from a bare yaml (benchmarks, shape checks) where no CosyVoice-BlankEN/config.json is at hand.
 QWEN2_0_5B = dict(
     vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
     num_attention_heads=14, num_key_value_heads=2, hidden_act="silu",
     max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=1000000.0,
     tie_word_embeddings=True, use_sliding_window=False,
 )
-
-
-class ModelDirError(RuntimeError):
-    """The model directory is missing something, or holds files that do not fit together."""
 
 
 @dataclass(frozen=True)
@@ -63,6 +58,22 @@ class ModelSettings:
     qwen_path: Path
 
 
+@dataclass(frozen=True)
+class ModelDir:
+    """A checked model directory with its yaml parsed (once)."""
+    path: Path
+    generation: Generation
+    config: YamlConfig
+
+    @property
+    def settings(self) -> ModelSettings:
+        return read_settings(self.config)
+
+    @property
+    def speech_tokenizer(self) -> Path:
+        return self.path / self.generation.speech_tokenizer
+
+
 @dataclass
 class ModelStages:
     """The three model stages of one model directory, with weights loaded."""
@@ -72,25 +83,42 @@ class ModelStages:
     hift: nn.Module
 
 
-def check_model_dir(model_dir: str | Path) -> Path:
-    """Raises ModelDirError naming every missing file; returns the directory as a Path."""
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise ModelDirError(f"model directory {model_dir} does not exist")
-    if not (model_dir / YAML_NAME).is_file():
-        for name, generation in OTHER_GENERATIONS.items():
-            if (model_dir / name).is_file():
-                raise ModelDirError(f"{model_dir} holds a {generation} model ({name}); "
-                                    f"this runtime serves CosyVoice2 ({YAML_NAME})")
-    missing = [name for name in REQUIRED_FILES if not (model_dir / name).is_file()]
+def detect_generation(path: Path) -> Generation:
+    """The generation whose yaml the directory holds (the first found, in upstream's order)."""
+    for name, generation in UNSUPPORTED.items():
+        if (path / name).is_file():
+            raise ModelDirError(f"{path} holds a {generation} model ({name}); this runtime serves "
+                                f"{' and '.join(g.name for g in GENERATIONS)}")
+    for generation in GENERATIONS:
+        if (path / generation.yaml_name).is_file():
+            return generation
+    raise ModelDirError(f"{path} is not a CosyVoice model directory: it has none of "
+                        f"{', '.join(g.yaml_name for g in GENERATIONS)}")
+
+
+def open_model_dir(model_dir: str | Path | ModelDir) -> ModelDir:
+    """Checks a model directory (raising ModelDirError naming every missing file) and parses
+    its yaml. A ModelDir passes through unchanged."""
+    if isinstance(model_dir, ModelDir):
+        return model_dir
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise ModelDirError(f"model directory {path} does not exist")
+    generation = detect_generation(path)
+    missing = [name for name in required_files(generation) if not (path / name).is_file()]
     if missing:
-        raise ModelDirError(f"{model_dir} is not a complete CosyVoice2 model directory: missing "
+        raise ModelDirError(f"{path} is not a complete {generation.name} model directory: missing "
                             f"{', '.join(missing)}")
-    return model_dir
+    config = read_config(path / generation.yaml_name, qwen_path=path / QWEN_DIR)
+    found = of_config(config.tree)
+    if found is not generation:
+        raise ModelDirError(f"{path / generation.yaml_name} describes a "
+                            f"{found.name if found else 'different'} model, not {generation.name}")
+    return ModelDir(path, generation, config)
 
 
 def read_config(yaml_path: str | Path, qwen_path: str | Path | None = None) -> YamlConfig:
-    """Parses a CosyVoice2 yaml and checks that it describes CosyVoice2.
+    """Parses a CosyVoice yaml and checks that its stages are those of one generation.
 
     `qwen_path` replaces the yaml's `qwen_pretrain_path` (empty in official files), as the
     reference does with the model directory's CosyVoice-BlankEN folder.
@@ -102,11 +130,16 @@ def read_config(yaml_path: str | Path, qwen_path: str | Path | None = None) -> Y
         raise ModelDirError(f"{yaml_path}: cannot be read ({exc.strerror})") from exc
     except ConfigError as exc:
         raise ModelDirError(str(exc)) from exc
-    for stage, class_path in STAGE_CLASSES.items():
-        node = config.tree.get(stage)
-        found = getattr(node, "path", None)
+    generation = of_config(config.tree)
+    if generation is None:
+        found = getattr(config.tree.get("llm"), "path", None)
+        expected = " or ".join(f"!new:{g.stage_classes['llm']}" for g in GENERATIONS)
+        raise ModelDirError(f"{yaml_path} does not describe a model this runtime serves: 'llm' is "
+                            f"{found or 'missing'}, expected {expected}")
+    for stage, class_path in generation.stage_classes.items():
+        found = getattr(config.tree.get(stage), "path", None)
         if found != class_path:
-            raise ModelDirError(f"{yaml_path} does not describe a CosyVoice2 model: '{stage}' is "
+            raise ModelDirError(f"{yaml_path} does not describe a {generation.name} model: '{stage}' is "
                                 f"{found or 'missing'}, expected !new:{class_path}")
     return config
 
@@ -133,8 +166,8 @@ def build_stage(config: YamlConfig, stage: str, qwen_config: dict | None = None,
 
     `qwen_config` (e.g. QWEN2_0_5B) gives the Qwen2 architecture when no Qwen folder is at hand.
     """
-    if stage not in STAGE_CLASSES:
-        raise ValueError(f"unknown stage {stage!r}; expected one of {', '.join(STAGE_CLASSES)}")
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; expected one of {', '.join(STAGES)}")
     qwen_kwargs = {"random_init": random_init, **({"qwen_config": qwen_config} if qwen_config else {})}
     extra = {"cosyvoice.llm.llm.Qwen2Encoder": qwen_kwargs}
     try:
@@ -188,16 +221,15 @@ def load_checkpoint(module: nn.Module, path: str | Path) -> None:
                             + "; ".join(problems))
 
 
-def load_stage(model_dir: str | Path, stage: str, device: str | torch.device = "cpu",
+def load_stage(model_dir: str | Path | ModelDir, stage: str, device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float32) -> nn.Module:
     """One stage of a model directory with its weights, in eval mode on `device`.
 
-    HiFT always runs in float32 (as the reference does); `dtype` applies to the LLM and flow.
+    The vocoder always runs in float32 (as the reference does); `dtype` applies to the LLM and flow.
     """
-    model_dir = Path(model_dir)
-    config = read_config(model_dir / YAML_NAME, qwen_path=model_dir / QWEN_DIR)
-    module = build_stage(config, stage, random_init=False)  # load_checkpoint fills every weight
-    load_checkpoint(module, model_dir / CHECKPOINTS[stage])
+    model = open_model_dir(model_dir)
+    module = build_stage(model.config, stage, random_init=False)  # load_checkpoint fills every weight
+    load_checkpoint(module, model.path / CHECKPOINTS[stage])
     finish = getattr(module, "fold_weight_norm", None)
     if finish is not None:
         finish()
@@ -205,10 +237,9 @@ def load_stage(model_dir: str | Path, stage: str, device: str | torch.device = "
     return module.eval()
 
 
-def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
+def load_model(model_dir: str | Path | ModelDir, device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float32) -> ModelStages:
     """All three stages of a complete model directory."""
-    model_dir = check_model_dir(model_dir)
-    config = read_config(model_dir / YAML_NAME, qwen_path=model_dir / QWEN_DIR)
-    stages = {stage: load_stage(model_dir, stage, device, dtype) for stage in STAGE_CLASSES}
-    return ModelStages(settings=read_settings(config), **stages)
+    model = open_model_dir(model_dir)
+    stages = {stage: load_stage(model, stage, device, dtype) for stage in STAGES}
+    return ModelStages(settings=model.settings, **stages)

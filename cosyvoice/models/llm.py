@@ -20,10 +20,6 @@ import torch
 from torch import nn
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from ..errors import InputError
-
-END_OF_PROMPT_ID = 151646   # <|endofprompt|> in the Qwen2 vocabulary with CosyVoice's specials
-
 SOS_ROW, TASK_ID_ROW = 0, 1      # rows of CosyVoice2's llm_embedding
 MIN_TOKEN_TEXT_RATIO, MAX_TOKEN_TEXT_RATIO = 2, 20   # speech tokens per text token (spec 4.2)
 
@@ -121,9 +117,6 @@ class SpeechLM(nn.Module):
         rows = self.llm_embedding.weight
         return rows[SOS_ROW].reshape(1, 1, -1), rows[TASK_ID_ROW].reshape(1, 1, -1)
 
-    def check_text(self, text_ids: torch.Tensor) -> None:
-        """Raises InputError when the joined prompt + text ids cannot be spoken."""
-
 
     def prompt_embeddings(self, text_ids: torch.Tensor, prompt_text_ids: torch.Tensor,
                           prompt_speech_tokens: torch.Tensor) -> torch.Tensor:
@@ -134,7 +127,6 @@ class SpeechLM(nn.Module):
         """
         device = self.speech_embedding.weight.device
         text = torch.cat([prompt_text_ids, text_ids], dim=1).to(device=device, dtype=torch.long)
-        self.check_text(text)
         text_embeds = self.body.embed_tokens(text)                                 # [1, Lp+L, H]
         sos, task_id = self.special_embeddings()
         speech = self.speech_embedding(prompt_speech_tokens.to(device=device, dtype=torch.long))
@@ -194,7 +186,8 @@ class CosyVoice3LM(SpeechLM):
 
     Same body and loop as CosyVoice2; what differs is where the specials live and the head:
     SOS, EOS, TASK_ID and FILL are rows 6561..6564 of `speech_embedding` (no `llm_embedding`),
-    the head has no bias, and every one of the 200 ids after the codes stops generation.
+    the head has no bias, and every one of the 200 ids after the codes stops generation. Its
+    text must hold <|endofprompt|>, which cosyvoice.inference.prompts sees to.
     """
 
     n_extra_tokens = 200
@@ -221,10 +214,3 @@ class CosyVoice3LM(SpeechLM):
         rows = self.speech_embedding.weight
         sos, task_id = self.speech_token_size + self.SOS, self.speech_token_size + self.TASK_ID
         return rows[sos].reshape(1, 1, -1), rows[task_id].reshape(1, 1, -1)
-
-    def check_text(self, text_ids: torch.Tensor) -> None:
-        # The reference asserts this; CosyVoice3 was trained with every prompt ending its system
-        # part in <|endofprompt|>, which the model class adds (see cosyvoice.inference.prompts).
-        if not bool((text_ids == END_OF_PROMPT_ID).any()):
-            raise InputError("CosyVoice3 needs <|endofprompt|> in the prompt or text "
-                             "(e.g. 'You are a helpful assistant.<|endofprompt|>')")
