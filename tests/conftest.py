@@ -7,6 +7,7 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_FIXTURES = REPO_ROOT.parent / "shared" / "fixtures" / "cosyvoice2-tiny"
+DEFAULT_CV3_FIXTURES = REPO_ROOT.parent / "shared" / "fixtures" / "cosyvoice3-tiny"
 
 
 def fixtures_root() -> Path:
@@ -31,15 +32,45 @@ def model_dir(fixture_dir) -> Path:
 @pytest.fixture(scope="session")
 def reference(fixture_dir):
     """Loads reference/<name>.npz as a dict of arrays: reference('flow')['nonstream_mel']."""
+    return _npz_loader(fixture_dir / "reference")
+
+
+def _npz_loader(folder: Path):
+    """load(name) -> the arrays of folder/<name>.npz as a dict, read once."""
     cache = {}
 
     def load(name: str) -> dict:
         if name not in cache:
-            with np.load(fixture_dir / "reference" / f"{name}.npz") as data:
+            with np.load(folder / f"{name}.npz") as data:
                 cache[name] = {key: data[key] for key in data.files}
         return cache[name]
 
     return load
+
+
+@pytest.fixture(scope="session")
+def cv3_fixture_dir() -> Path:
+    """The CosyVoice3 fixture folder (env COSYVOICE3_FIXTURES). Tests using it skip when the default
+    folder is absent, and fail when COSYVOICE3_FIXTURES names a folder that is missing or incomplete."""
+    configured = os.environ.get("COSYVOICE3_FIXTURES")
+    root = Path(configured or DEFAULT_CV3_FIXTURES)
+    if not (root / "model").is_dir() or not (root / "reference").is_dir():
+        message = f"CosyVoice3 fixture folder {root} is missing or incomplete (needs model/ and reference/)"
+        if configured:
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message + "; set COSYVOICE3_FIXTURES to the cosyvoice3-tiny fixture folder")
+    return root
+
+
+@pytest.fixture(scope="session")
+def cv3_model_dir(cv3_fixture_dir) -> Path:
+    return cv3_fixture_dir / "model"
+
+
+@pytest.fixture(scope="session")
+def cv3_reference(cv3_fixture_dir):
+    """Like `reference`, for the CosyVoice3 fixture: cv3_reference('flow')['nonstream_mel']."""
+    return _npz_loader(cv3_fixture_dir / "reference")
 
 
 @pytest.fixture(scope="session")

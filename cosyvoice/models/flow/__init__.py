@@ -1,8 +1,10 @@
-"""The flow stage: speech tokens -> mel spectrogram (CosyVoice2 CausalMaskedDiffWithXvec)."""
+"""The flow stage: speech tokens -> mel spectrogram (CosyVoice2 CausalMaskedDiffWithXvec,
+CosyVoice3 CausalMaskedDiffWithDiT)."""
 from .cfm import CausalConditionalCFM
-from .encoder import UpsampleConformerEncoder
+from .dit import DiT
+from .encoder import PreLookaheadLayer, UpsampleConformerEncoder
 from .estimator import CausalConditionalDecoder
-from .flow import CausalMaskedDiffWithXvec
+from .flow import CausalMaskedDiffWithDiT, CausalMaskedDiffWithXvec
 
-__all__ = ["CausalConditionalCFM", "CausalConditionalDecoder", "CausalMaskedDiffWithXvec",
-           "UpsampleConformerEncoder"]
+__all__ = ["CausalConditionalCFM", "CausalConditionalDecoder", "CausalMaskedDiffWithDiT",
+           "CausalMaskedDiffWithXvec", "DiT", "PreLookaheadLayer", "UpsampleConformerEncoder"]

@@ -118,14 +118,19 @@ class ConformerLayer(nn.Module):
 class PreLookaheadLayer(nn.Module):
     """Lets each frame see `lookahead` frames to its right, then a causal conv; residual.
 
-    The right side is the context frames when given (streaming), zeros otherwise.
+    The right side is the context frames when given (streaming), zeros otherwise. The convs go
+    channels -> hidden_channels -> channels; CosyVoice2 keeps the width (hidden_channels defaults
+    to channels), CosyVoice3 widens 80 -> 1024 -> 80.
     """
 
-    def __init__(self, channels: int, lookahead: int, causal_kernel: int = 3):
+    def __init__(self, channels: int, lookahead: int, causal_kernel: int = 3,
+                 hidden_channels: int | None = None):
         super().__init__()
+        hidden_channels = hidden_channels or channels
+        self.channels = channels
         self.lookahead = lookahead
-        self.conv1 = nn.Conv1d(channels, channels, kernel_size=lookahead + 1)
-        self.conv2 = nn.Conv1d(channels, channels, kernel_size=causal_kernel)
+        self.conv1 = nn.Conv1d(channels, hidden_channels, kernel_size=lookahead + 1)
+        self.conv2 = nn.Conv1d(hidden_channels, channels, kernel_size=causal_kernel)
 
     def forward(self, x: Tensor, context: Tensor | None) -> Tensor:
         # x [B, T, C], context [B, L, C] or None -> [B, T, C]
