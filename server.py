@@ -1,4 +1,4 @@
-"""Starts the CosyVoice2 HTTP server on the PyTorch runtime.
+"""Starts the CosyVoice HTTP server (CosyVoice2 or CosyVoice3 models) on the PyTorch runtime.
 
     python server.py --model-dir pretrained_models/CosyVoice2-0.5B [--host 127.0.0.1] [--port 6006]
                      [--device cuda|cpu] [--voices-dir DIR] [--api-key KEY] ...   (--help: all flags)

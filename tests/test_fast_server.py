@@ -169,9 +169,22 @@ def test_only_rank_zero_serves(monkeypatch, capsys):
     assert "only rank 0 serves" in capsys.readouterr().out
 
 
-def test_trtllm_defaults_the_other_stages_to_the_gpu(monkeypatch):
-    fast_server = load_fast_server()
-    monkeypatch.delenv("COSYVOICE_DEVICE", raising=False)
-    assert fast_server.with_default_device(["--model-dir", "x"], "trtllm") == ["--device", "cuda", "--model-dir", "x"]
-    assert fast_server.with_default_device(["--device=cpu"], "trtllm") == ["--device=cpu"]
-    assert fast_server.with_default_device(["--model-dir", "x"], "torch") == ["--model-dir", "x"]
+def test_trtllm_flags_are_settings_and_default_the_other_stages_to_the_gpu():
+    from cosyvoice.server import Settings
+
+    def fast(*argv: str, **environ: str) -> Settings:
+        return Settings.from_args(["--model-dir", "x", *argv], environ=environ, fast_server=True)
+    settings = fast("--trtllm-cache", "/c", "--trtllm-dtype", "float16", "--trtllm-kv-fraction", "0.5")
+    assert (settings.llm_backend, settings.device, settings.workers) == ("trtllm", "cuda", 8)
+    assert (settings.trtllm_cache, settings.trtllm_dtype, settings.trtllm_kv_fraction) == (Path("/c"), "float16", 0.5)
+    assert fast("--device=cpu").device == "cpu" and fast(COSYVOICE_DEVICE="cpu").device == "cpu"
+    assert fast("--llm-backend", "torch").device == "cpu"
+    assert fast(COSYVOICE_LLM_BACKEND="torch", COSYVOICE_TRTLLM_CACHE="/e").trtllm_cache == Path("/e")
+    # server.py runs the PyTorch LLM and takes none of these flags
+    plain = Settings.from_args(["--model-dir", "x"], environ={"COSYVOICE_LLM_BACKEND": "trtllm"})
+    assert (plain.llm_backend, plain.device) == ("torch", "cpu")
+    for argv in (["--llm-backend", "torch"], ["--trtllm-cache", "/c"]):
+        with pytest.raises(SystemExit):
+            Settings.from_args(["--model-dir", "x", *argv], environ={})
+    with pytest.raises(SystemExit):
+        fast("--llm-backend", "onnx")

@@ -25,9 +25,11 @@ def stream_pieces(client: httpx.Client, method: str, path: str, **kwargs) -> tup
 # ---- operations ---------------------------------------------------------------------------------
 
 def test_health_ready_and_banner_need_no_key(server):
-    assert httpx.get(server.url + "/health").json() == {"status": "ok", "model": "ready"}
+    assert httpx.get(server.url + "/health").json() == {"status": "ok", "model": "ready",
+                                                        "generation": "CosyVoice2"}
     ready = httpx.get(server.url + "/ready")
     assert ready.status_code == 200 and ready.json()["sample_rate"] == RATE
+    assert ready.json()["generation"] == "CosyVoice2"
     banner = server.stdout().splitlines()[0]
     assert f"http://127.0.0.1:{server.port}" in banner and str(server.port) in banner
 
@@ -189,7 +191,8 @@ def test_xtts_tts_stream_streams_a_wav(client):
 
 def test_openai_models_and_voices(client):
     models = client.get("/v1/models").json()
-    assert models["object"] == "list" and "tts-1" in [m["id"] for m in models["data"]]
+    assert models["object"] == "list" and [m["id"] for m in models["data"]][:2] == ["cosyvoice2", "tts-1"]
+    assert {m["generation"] for m in models["data"]} == {"CosyVoice2"}
     assert "alice" in client.get("/v1/audio/voices").json()["voices"]
 
 

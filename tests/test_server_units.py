@@ -1,4 +1,5 @@
-"""Server parts on their own, with a stand-in model: settings, audio encoding, voice store, engine."""
+"""Server parts on their own, with a stand-in model: settings, audio encoding, voice store, modes,
+the speech service, and model generations."""
 from __future__ import annotations
 
 import asyncio
@@ -14,41 +15,58 @@ import pytest
 import soundfile as sf
 import torch
 
+from fastapi.testclient import TestClient
+
 from cosyvoice import InputError, Voice
+from cosyvoice.server import build_service, create_app
+from cosyvoice.server.admission import WorkerPool
 from cosyvoice.server.audio_encoding import available_formats, encode_whole, stream_encoder
 from cosyvoice.server import responses
-from cosyvoice.server.engine import Engine, Generation, Job
+from cosyvoice.server.cache import ResponseCache
 from cosyvoice.server.errors import ApiError, Overloaded
+from cosyvoice.server.loader import ModelLoader
 from cosyvoice.server.metrics import Metrics
+from cosyvoice.server.modes import Job, Mode, PromptUpload, open_stream
 from cosyvoice.server.responses import audio_response
+from cosyvoice.server.service import SpeechService
 from cosyvoice.server.settings import Settings
+from cosyvoice.server.synthesis import CachedSynthesis
 from cosyvoice.server.voices import VoiceStore, check_name
 
-from server_harness import REPO_ROOT, free_port, wav_bytes
+from server_harness import REPO_ROOT, free_port, wait_for, wav_bytes
 
 RATE = 24000
 
 
 class FakeModel:
-    """Stands in for cosyvoice.CosyVoice2: counts prepared voices, and makes `chunks` chunks of
-    0.1 s per request, waiting on `gate` before each one when it is given."""
+    """Stands in for cosyvoice.CosyVoice2 (or, with generation="CosyVoice3", its successor):
+    counts prepared voices, and makes `chunks` chunks of 0.1 s per request, waiting on `gate`
+    before each one when it is given."""
 
     sample_rate = RATE
-    speakers: dict = {}
+    speaker_names: list[str] = []
+    batch_counts = (None, None)
 
-    def __init__(self, chunks: int = 5, gate: threading.Semaphore | None = None):
-        self.chunks, self.gate = chunks, gate
+    def __init__(self, chunks: int = 5, gate: threading.Semaphore | None = None,
+                 generation: str = "CosyVoice2"):
+        self.chunks, self.gate, self.generation = chunks, gate, generation
         self.prepared = 0
         self.produced = 0
+
+    def count_text_tokens(self, text: str) -> int:
+        return len(text.split())
 
     def prepare_voice(self, samples, prompt_text="", sample_rate=None) -> Voice:
         self.prepared += 1
         return Voice(prompt_text, torch.zeros(1, len(prompt_text), dtype=torch.int32),
-                     torch.zeros(1, 4, dtype=torch.int32), torch.zeros(1, 8), torch.zeros(1, 8, 80))
+                     torch.zeros(1, 4, dtype=torch.int32), torch.zeros(1, 8), torch.zeros(1, 8, 80),
+                     generation=self.generation)
 
     def cross_lingual(self, text, voice=None, stream=True, speed=1.0, seed=None):
         if not text.strip():
             raise InputError("the text to speak is empty")
+        if voice is not None and voice.generation != self.generation:   # as the real model refuses
+            raise InputError(f"this voice was prepared by a {voice.generation} model")
 
         def chunks():
             for _ in range(self.chunks):
@@ -57,6 +75,9 @@ class FakeModel:
                 self.produced += 1
                 yield np.full(RATE // 10, 0.1, dtype=np.float32)
         return chunks()
+
+    def zero_shot(self, text, voice=None, **options):
+        return self.cross_lingual(text, voice, **options)
 
 
 def settings_for(tmp_path: Path, **overrides) -> Settings:
@@ -223,79 +244,115 @@ def test_silent_prompt_is_refused(tmp_path):
         store.register(FakeModel(), "quiet", "", wav_bytes(np.zeros(48000, dtype=np.float32), 16000))
 
 
-# ---- engine -------------------------------------------------------------------------------------
+# ---- speech service -----------------------------------------------------------------------------
 
-def ready_engine(tmp_path: Path, model: FakeModel, **overrides) -> Engine:
-    engine = Engine(settings_for(tmp_path, **overrides), Metrics(), VoiceStore(tmp_path / "voices"), tts=model)
-    engine.state = "ready"
-    return engine
+def ready_service(tmp_path: Path, model: FakeModel, **overrides) -> SpeechService:
+    """A service whose model counts as loaded and warmed (no warm-up run: it would use a chunk)."""
+    settings = settings_for(tmp_path, **overrides)
+    metrics, voices = Metrics(), VoiceStore(settings.voices_dir)
+    loader = ModelLoader(settings, metrics, voices, model)
+    loader.state = "ready"
+    pool = WorkerPool(settings.workers, settings.max_queue, settings.retry_after_s, metrics)
+    return SpeechService(settings, metrics, voices, loader, pool, ResponseCache(int(settings.cache_mb * 2**20)))
 
 
-def sample(engine: Engine, name: str) -> float:
-    return engine.metrics.registry.get_sample_value(name)
+def sample(service: SpeechService, name: str) -> float:
+    return service.metrics.registry.get_sample_value(name)
 
 
 def job(text: str = "Hello.", key=None) -> Job:
-    return Job("cross_lingual", text, voice=None, cache_key=key)
+    return Job(Mode.CROSS_LINGUAL, text, voice=None, cache_key=key)
 
 
-def test_a_closed_generation_stops_within_one_chunk(tmp_path):
+def test_a_closed_synthesis_stops_within_one_chunk(tmp_path):
     gate = threading.Semaphore(0)
     model = FakeModel(chunks=50, gate=gate)
-    engine = ready_engine(tmp_path, model)
+    service = ready_service(tmp_path, model)
 
     async def scenario() -> list:
         gate.release()                                       # let the first chunk through
-        generation = await engine.start(job())
-        chunks = generation.chunks()
+        synthesis = await service.start(job())
+        chunks = synthesis.chunks()
         await chunks.__anext__()
         pending = asyncio.ensure_future(chunks.__anext__())  # chunk 2 waits at the gate...
         await asyncio.sleep(0.1)
-        generation.close()                                   # ...when the client leaves
+        synthesis.close()                                    # ...when the client leaves
         for _ in range(10):
             gate.release()
         await pending
         return [chunk async for chunk in chunks]
     assert asyncio.run(scenario()) == []
     assert model.produced == 2
-    assert sample(engine, "cosyvoice_cancelled_generations_total") == 1
-    assert sample(engine, "cosyvoice_active_generations") == 0
+    assert sample(service, "cosyvoice_cancelled_generations_total") == 1
+    assert sample(service, "cosyvoice_active_generations") == 0
 
 
 def test_full_queue_answers_503_and_bad_input_400(tmp_path):
     gate = threading.Semaphore(0)
-    engine = ready_engine(tmp_path, FakeModel(gate=gate), workers=1, max_queue=1, retry_after_s=3)
+    service = ready_service(tmp_path, FakeModel(gate=gate), workers=1, max_queue=1, retry_after_s=3)
 
     async def scenario() -> None:
-        first = asyncio.ensure_future(engine.start(job()))
-        second = asyncio.ensure_future(engine.start(job()))
+        first = asyncio.ensure_future(service.start(job()))
+        second = asyncio.ensure_future(service.start(job()))
         await asyncio.sleep(0.1)
         with pytest.raises(Overloaded) as refused:
-            await engine.start(job())
+            await service.start(job())
         assert refused.value.status == 503 and refused.value.headers == {"Retry-After": "3"}
         for _ in range(20):
             gate.release()
         for pending in (first, second):
-            generation = await pending
-            assert len([chunk async for chunk in generation.chunks()]) == 5
+            synthesis = await pending
+            assert len([chunk async for chunk in synthesis.chunks()]) == 5
         with pytest.raises(InputError):
-            await engine.start(job(text=" "))
+            await service.start(job(text=" "))
     asyncio.run(scenario())
-    assert sample(engine, "cosyvoice_queue_depth") == 0 and sample(engine, "cosyvoice_active_generations") == 0
+    assert sample(service, "cosyvoice_queue_depth") == 0 and sample(service, "cosyvoice_active_generations") == 0
 
 
 def test_repeated_requests_come_from_the_cache(tmp_path):
     model = FakeModel(chunks=3)
-    engine = ready_engine(tmp_path, model)
+    service = ready_service(tmp_path, model)
 
     async def speak() -> tuple[list[np.ndarray], bool]:
-        generation = await engine.start(job(key=("same",)))
-        return [chunk async for chunk in generation.chunks()], generation.from_cache
+        synthesis = await service.start(job(key=("same",)))
+        return [chunk async for chunk in synthesis.chunks()], synthesis.from_cache
 
     first, first_cached = asyncio.run(speak())
     again, again_cached = asyncio.run(speak())
     assert (first_cached, again_cached) == (False, True) and model.produced == 3
     assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
+
+
+class RecordingModel:
+    """Records which model call a job became."""
+
+    def __init__(self):
+        self.calls = []
+
+    def prepare_voice(self, samples, prompt_text="", sample_rate=None):
+        return ("prepared", prompt_text, sample_rate)
+
+    def __getattr__(self, mode):
+        def call(*args, **options):
+            self.calls.append((mode, args, options))
+            return iter(())
+        return call
+
+
+@pytest.mark.parametrize("mode, expected_args", [
+    (Mode.ZERO_SHOT, ("Text.",)), (Mode.CROSS_LINGUAL, ("Text.",)),
+    (Mode.INSTRUCT2, ("Text.", "Softly.")), (Mode.SFT, ("Text.", "spk"))])
+def test_each_mode_is_one_model_call(mode, expected_args):
+    model = RecordingModel()
+    upload = PromptUpload(wav_bytes(tone(), 16000), "Hi.")
+    open_stream(model, Job(mode, "Text.", voice=None if mode is Mode.SFT else upload, speaker="spk",
+                           instruct="Softly.", speed=1.5, seed=7, stream=False))
+    [(called, args, options)] = model.calls
+    assert called == mode.value and args == expected_args
+    assert options.pop("voice", None) == (None if mode is Mode.SFT else ("prepared", "Hi.", 16000))
+    assert options == {"stream": False, "speed": 1.5, "seed": 7}
+    assert Mode.for_voice("", "") is Mode.CROSS_LINGUAL and Mode.for_voice("", "Hi.") is Mode.ZERO_SHOT
+    assert Mode.for_voice("Softly.", "Hi.") is Mode.INSTRUCT2 and str(Mode.SFT) == "sft"
 
 
 class FakeRequest:
@@ -314,8 +371,8 @@ def test_a_whole_response_is_encoded_only_for_a_client_still_there(monkeypatch, 
         encoded.append(len(audio))
         return b"audio"
     monkeypatch.setattr(responses, "encode_whole", encode_whole_spy)
-    generation = Generation.from_cache([np.zeros(RATE // 10, dtype=np.float32)] * 3)
-    response = asyncio.run(audio_response(FakeRequest(gone), generation, "mp3", RATE, stream=False))
+    synthesis = CachedSynthesis([np.zeros(RATE // 10, dtype=np.float32)] * 3)
+    response = asyncio.run(audio_response(FakeRequest(gone), synthesis, "mp3", RATE, stream=False))
     if gone:
         assert response.status_code == 499 and encoded == []
     else:
@@ -333,3 +390,51 @@ def test_batch_sizes_are_exported_as_histograms():
                  "cosyvoice_llm_batch_size_sum 8.0", 'cosyvoice_flow_batch_size_bucket{le="3.0"} 1.0',
                  "cosyvoice_flow_batch_size_sum 3.0"):
         assert line in text, line
+
+
+# ---- model generations --------------------------------------------------------------------------
+
+def voices_of_cosyvoice2(folder: Path) -> VoiceStore:
+    """An imported voice 'alice' and a registered voice 'bob', prepared by a CosyVoice2 model."""
+    folder.mkdir()
+    sf.write(folder / "[alice]Hello there..wav", tone(), 16000)
+    store = VoiceStore(folder)
+    store.open(FakeModel())
+    store.register(FakeModel(), "bob", "Bob here.", wav_bytes(tone(), 16000))
+    return store
+
+
+def test_voices_of_another_generation_are_prepared_again_from_their_prompt_audio(tmp_path):
+    folder = tmp_path / "voices"
+    created = {info.name: info.created for info in voices_of_cosyvoice2(folder).list()}
+    cosyvoice3 = FakeModel(generation="CosyVoice3")
+    store = VoiceStore(folder)
+    assert store.open(cosyvoice3) == {"loaded": 0, "prepared": 2, "skipped": 0} and cosyvoice3.prepared == 2
+    for name in ("alice", "bob"):
+        stored = store.resolve(name)
+        assert stored.voice.generation == "CosyVoice3" and stored.info.created == created[name]
+    assert Voice.load(folder / ".store" / "bob.voice").generation == "CosyVoice3"
+    restarted = FakeModel(generation="CosyVoice3")
+    assert VoiceStore(folder).open(restarted)["loaded"] == 2 and restarted.prepared == 0
+
+
+def test_the_app_names_its_generation_and_refuses_a_voice_it_cannot_prepare_again(tmp_path):
+    folder = tmp_path / "voices"
+    voices_of_cosyvoice2(folder)
+    (folder / ".store" / "bob.wav").unlink()          # bob's prompt audio is gone
+    settings = settings_for(tmp_path)
+    app = create_app(settings, build_service(settings, FakeModel(chunks=2, generation="CosyVoice3")))
+    with TestClient(app) as client:
+        assert wait_for(lambda: client.get("/ready").status_code == 200, timeout_s=30)
+        assert client.get("/health").json() == {"status": "ok", "model": "ready", "generation": "CosyVoice3"}
+        models = client.get("/v1/models").json()["data"]
+        assert models[0]["id"] == "cosyvoice3" and {model["generation"] for model in models} == {"CosyVoice3"}
+        spoken = client.post("/v1/audio/speech", json={"input": "Hello.", "voice": "alice",
+                                                       "response_format": "pcm"})
+        assert spoken.status_code == 200 and len(spoken.content) == 2 * 2 * RATE // 10
+        refused = client.post("/v1/audio/speech", json={"input": "Hello.", "voice": "bob"})
+        message = refused.json()["error"]["message"]
+        assert refused.status_code == 409 and all(word in message for word in ("bob", "CosyVoice2", "CosyVoice3"))
+        native = client.post("/tts", data={"text": "Hello.", "speaker": "bob"})
+        assert native.status_code == 409 and "CosyVoice2" in native.json()["detail"]
+        assert client.delete("/api/voices/bob").status_code == 200

@@ -28,12 +28,13 @@ def page(server):
 
 def test_page_is_served_without_a_key(server):
     response = httpx.get(server.url + "/")
-    assert response.status_code == 200 and "<title>CosyVoice2</title>" in response.text
+    assert response.status_code == 200 and '<h1 id="generation"' in response.text
 
 
 def test_page_uploads_a_voice_and_plays_streamed_speech(server, page, fixture_dir):
     prompt_wav, transcript = prompt_files(fixture_dir)
     page.goto(server.url + "/")
+    page.wait_for_function("document.getElementById('generation').textContent === 'CosyVoice2'")
     page.fill("#api-key", API_KEY)
     page.dispatch_event("#api-key", "change")
     page.wait_for_function("document.querySelectorAll('#voice option').length > 0")

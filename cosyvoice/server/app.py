@@ -1,37 +1,32 @@
-"""The app factory: middleware, error handlers and one router per API family on one engine."""
+"""The app factory: middleware, error handlers and one router per API family on one speech service."""
 from __future__ import annotations
 
-import logging
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from .engine import Engine
 from .errors import install_error_handlers
-from .metrics import Metrics
 from .middleware import AccessLog, ApiKey, BodyLimit
 from .routers import native, openai, ops, upstream, web, xtts
+from .service import SpeechService, build_service
 from .settings import Settings
-from .voices import VoiceStore
-
-log = logging.getLogger("cosyvoice.server")
 
 
-def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
-    """Without an engine, one is made and the model loads in the background when the app starts
+def create_app(settings: Settings, service: SpeechService | None = None) -> FastAPI:
+    """Without a service, one is built and the model loads in the background when the app starts
     (/health answers at once, /ready once it is loaded and warmed)."""
-    if engine is None:
-        engine = Engine(settings, Metrics(), VoiceStore(settings.voices_dir, settings.default_voice))
+    if service is None:
+        service = build_service(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        engine.start_loading()   # no-op if the launcher started it already
+        service.start_loading()   # no-op if the launcher started it already
         yield
-        engine.shutdown()
+        service.shutdown()
 
-    app = FastAPI(title="CosyVoice2 TTS server", version="0.1.0", lifespan=lifespan)
-    app.state.engine = engine
+    app = FastAPI(title="CosyVoice TTS server", version="0.1.0", lifespan=lifespan)
+    app.state.service = service
     app.state.settings = settings
     install_error_handlers(app)
     for family in (ops, web, native, upstream, xtts, openai):
@@ -47,5 +42,5 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
                            allow_headers=["Authorization", "X-API-Key", "Content-Type"],
                            expose_headers=["X-Sample-Rate", "X-Audio-Format", "X-Channels",
                                            "X-Sample-Format", "X-Cache"])
-    app.add_middleware(AccessLog, metrics=engine.metrics)
+    app.add_middleware(AccessLog, metrics=service.metrics)
     return app

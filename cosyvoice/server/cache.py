@@ -1,6 +1,6 @@
 """Answers repeated identical requests (same text, voice, mode and parameters) from memory.
 
-Entries are the float32 chunks of a finished generation, so one entry serves every audio format.
+Entries are the float32 chunks of a finished synthesis, so one entry serves every audio format.
 Least recently used entries are dropped once the total passes the byte budget.
 """
 from __future__ import annotations

@@ -18,8 +18,8 @@ from ..errors import InputError
 log = logging.getLogger("cosyvoice.server")
 
 OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-                413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
-                503: "server_overloaded"}
+                409: "invalid_request_error", 413: "invalid_request_error", 422: "invalid_request_error",
+                429: "rate_limit_error", 503: "server_overloaded"}
 
 
 class ApiError(Exception):

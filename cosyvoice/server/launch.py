@@ -11,21 +11,18 @@ import sys
 import uvicorn
 
 from .app import create_app
-from .engine import Engine
 from .logs import configure_logging
-from .metrics import Metrics
+from .service import build_service
 from .settings import Settings
-from .voices import VoiceStore
 
 
-def run_server(settings: Settings, llm_backend="torch", title: str = "CosyVoice2 server",
+def run_server(settings: Settings, title: str = "CosyVoice server",
                graceful_stop_signal: signal.Signals | None = None) -> int:
-    """Serves until stopped; returns the exit status. `llm_backend` is what cosyvoice.load takes;
-    `graceful_stop_signal`, when given, also ends the server cleanly."""
+    """Serves until stopped; returns the exit status. `graceful_stop_signal`, when given, also
+    ends the server cleanly."""
     configure_logging(settings.log_level)
-    engine = Engine(settings, Metrics(), VoiceStore(settings.voices_dir, settings.default_voice),
-                    llm_backend=llm_backend)
-    server = uvicorn.Server(uvicorn.Config(create_app(settings, engine), host=settings.host,
+    service = build_service(settings)
+    server = uvicorn.Server(uvicorn.Config(create_app(settings, service), host=settings.host,
                                            port=settings.port, access_log=False,
                                            log_level=settings.log_level))
     failed: list[BaseException] = []
@@ -36,12 +33,11 @@ def run_server(settings: Settings, llm_backend="torch", title: str = "CosyVoice2
 
     if graceful_stop_signal is not None:
         signal.signal(graceful_stop_signal, lambda signum, frame: setattr(server, "should_exit", True))
-    engine.start_loading(on_failure=stop)
+    service.start_loading(on_failure=stop)
     shown_host = "127.0.0.1" if settings.host == "0.0.0.0" else settings.host
-    backend_name = llm_backend if isinstance(llm_backend, str) else type(llm_backend).__name__
     print(f"{title} on http://{shown_host}:{settings.port} (bound to {settings.host}, port "
-          f"{settings.port}); LLM backend {backend_name}; model {settings.model_dir} loading on "
-          f"{settings.device}; ready when GET /ready answers 200", flush=True)
+          f"{settings.port}); LLM backend {settings.llm_backend}; model {settings.model_dir} loading "
+          f"on {settings.device}; ready when GET /ready answers 200", flush=True)
     server.run()
     if failed:
         print(f"error: the model could not be loaded: {failed[0]}", file=sys.stderr, flush=True)

@@ -1,4 +1,4 @@
-"""A started generation -> an HTTP response in the asked audio format, streamed or whole."""
+"""A started synthesis -> an HTTP response in the asked audio format, streamed or whole."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,7 +8,7 @@ from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from .audio_encoding import MEDIA_TYPES, encode_whole, stream_encoder
-from .engine import Generation
+from .synthesis import StartedSynthesis
 
 CLIENT_CLOSED_REQUEST = 499   # nginx's status for a client that left before the answer
 
@@ -21,15 +21,15 @@ def audio_headers(fmt: str, sample_rate: int, from_cache: bool) -> dict[str, str
     return headers
 
 
-async def audio_response(request: Request, generation: Generation, fmt: str, sample_rate: int,
+async def audio_response(request: Request, synthesis: StartedSynthesis, fmt: str, sample_rate: int,
                          stream: bool) -> Response:
-    headers = audio_headers(fmt, sample_rate, generation.from_cache)
+    headers = audio_headers(fmt, sample_rate, synthesis.from_cache)
     if stream:
         # close() also runs as a background task: the body may be abandoned before it starts
-        return StreamingResponse(encoded_chunks(request, generation, fmt, sample_rate),
+        return StreamingResponse(encoded_chunks(request, synthesis, fmt, sample_rate),
                                  media_type=MEDIA_TYPES[fmt], headers=headers,
-                                 background=BackgroundTask(generation.close))
-    audio = await collect(request, generation)
+                                 background=BackgroundTask(synthesis.close))
+    audio = await collect(request, synthesis)
     if audio is None:
         # nobody will read it, so skip the encoding; 499 as the access log counts a hang-up
         return Response(status_code=CLIENT_CLOSED_REQUEST)
@@ -38,26 +38,26 @@ async def audio_response(request: Request, generation: Generation, fmt: str, sam
     return Response(body, media_type=MEDIA_TYPES[fmt], headers=headers)
 
 
-async def collect(request: Request, generation: Generation) -> np.ndarray | None:
+async def collect(request: Request, synthesis: StartedSynthesis) -> np.ndarray | None:
     """Every chunk, concatenated; None if the client left before the end (it stops there)."""
     chunks = []
     try:
-        async for chunk in generation.chunks():
+        async for chunk in synthesis.chunks():
             chunks.append(chunk)
             if await request.is_disconnected():
                 break
     finally:
-        generation.close()
-    if not generation.completed:
+        synthesis.close()
+    if not synthesis.completed:
         return None
     return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
 
 
-async def encoded_chunks(request: Request, generation: Generation, fmt: str, sample_rate: int):
-    """The generation's audio encoded in `fmt`, piece by piece as it is made."""
+async def encoded_chunks(request: Request, synthesis: StartedSynthesis, fmt: str, sample_rate: int):
+    """The synthesis's audio encoded in `fmt`, piece by piece as it is made."""
     encoder = stream_encoder(fmt, sample_rate)
     try:
-        async for chunk in generation.chunks():
+        async for chunk in synthesis.chunks():
             data = encoder.write(chunk)
             if data:
                 yield data
@@ -67,4 +67,4 @@ async def encoded_chunks(request: Request, generation: Generation, fmt: str, sam
         if tail:
             yield tail
     finally:
-        generation.close()
+        synthesis.close()

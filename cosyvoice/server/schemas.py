@@ -1,10 +1,11 @@
-"""Request and response bodies (JSON) of the API families."""
+"""Request and response bodies of the API families (JSON, and the upstream API's query or form
+fields)."""
 from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
 
-class SpeechRequest(BaseModel):
+class OpenAISpeechRequest(BaseModel):
     """OpenAI POST /v1/audio/speech."""
     model: str = Field("tts-1", description="accepted for compatibility; this server has one model")
     input: str = Field(..., description="text to speak")
@@ -15,6 +16,21 @@ class SpeechRequest(BaseModel):
     instructions: str | None = Field(None, description="how to speak (instruct2 mode)")
     stream: bool = Field(True, description="send audio as it is made")
     seed: int | None = Field(None, description="sampling seed, for repeatable audio")
+    # a plain string, checked by the router, so a bad value gets a sentence listing the accepted ones
+    stream_format: str = Field("audio", description="'audio' (the audio bytes) or 'sse' (server-sent "
+                                                    "events carrying base64 audio; with stream false "
+                                                    "the audio comes as one event)")
+
+
+class UpstreamParams(BaseModel):
+    """The upstream CosyVoice API's query parameters (GET) or form fields (POST); prompt_wav, the
+    uploaded file, is read apart."""
+    tts_text: str
+    spk_id: str = ""
+    prompt_text: str = ""
+    instruct_text: str = ""
+    speed: float = 1.0
+    seed: int | None = None
 
 
 class XttsRequest(BaseModel):

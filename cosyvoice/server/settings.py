@@ -1,5 +1,6 @@
 """Every server setting in one place: a command-line flag, a COSYVOICE_* environment variable,
-or the default, in that order of precedence.
+or the default, in that order of precedence. The TensorRT-LLM settings are flags of fast_server.py
+only (`from_args(..., fast_server=True)`); server.py always runs the PyTorch LLM.
 
     settings = Settings.from_args(["--model-dir", "pretrained_models/CosyVoice2-0.5B"])
     COSYVOICE_API_KEY=secret python server.py --model-dir ...     # same as --api-key secret
@@ -15,14 +16,18 @@ ENV_PREFIX = "COSYVOICE_"
 DEFAULT_GPU_WORKERS = 8
 # the names both uvicorn (lower case) and logging (upper case, see logs.py) understand
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+LLM_BACKENDS = ("trtllm", "torch")
+TRTLLM_DTYPES = ("bfloat16", "float16")
+FAST_SERVER = "fast_server"   # metadata key of the settings only fast_server.py takes as flags
 
 
 @dataclass(frozen=True)
 class Settings:
-    model_dir: Path = field(metadata={"help": "CosyVoice2 model directory (required)"})
+    model_dir: Path = field(metadata={"help": "model directory, CosyVoice2 or CosyVoice3 (required)"})
     host: str = field(default="127.0.0.1", metadata={"help": "address to bind; 0.0.0.0 to serve every interface"})
     port: int = field(default=6006, metadata={"help": "TCP port (AutoDL publishes 6006)"})
-    device: str = field(default="cpu", metadata={"help": "torch device: cuda or cpu"})
+    device: str = field(default="cpu", metadata={
+        "help": "torch device: cuda or cpu (fast_server.py with TensorRT-LLM: default cuda)"})
     dtype: str = field(default="auto", metadata={
         "help": "LLM and flow weights: float32, float16, bfloat16, or auto (float16 on a GPU, float32 "
                 "on a CPU); the vocoder always runs in float32"})
@@ -44,6 +49,18 @@ class Settings:
         "help": "MiB of audio kept to answer identical requests again; 0: no cache"})
     retry_after_s: int = field(default=2, metadata={"help": "Retry-After seconds sent with 503"})
     log_level: str = field(default="info", metadata={"help": "debug, info, warning, error or critical"})
+    # fast_server.py only (server.py runs the PyTorch LLM)
+    llm_backend: str = field(default="torch", metadata={
+        FAST_SERVER: True, "help": "LLM stage: trtllm (TensorRT-LLM, the default) or torch (the "
+                                   "PyTorch model)"})
+    trtllm_cache: Path | None = field(default=None, metadata={
+        FAST_SERVER: True, "help": "folder for the HF export and engines (default <model-dir>/trtllm)"})
+    trtllm_dtype: str | None = field(default=None, metadata={
+        FAST_SERVER: True, "help": "engine precision, bfloat16 or float16 (default bfloat16 on compute "
+                                   "capability 8.0+, else float16)"})
+    trtllm_kv_fraction: float = field(default=0.2, metadata={
+        FAST_SERVER: True, "help": "most of the free GPU memory the KV cache may take (flow and HiFT "
+                                   "share the GPU)"})
 
     @property
     def max_upload_bytes(self) -> int:
@@ -54,24 +71,34 @@ class Settings:
         return [origin.strip() for origin in self.cors_origins.split(",") if origin.strip()]
 
     @classmethod
-    def from_args(cls, argv: list[str] | None = None, environ: dict[str, str] | None = None) -> "Settings":
-        """Flags override COSYVOICE_* variables, which override the defaults."""
+    def from_args(cls, argv: list[str] | None = None, environ: dict[str, str] | None = None,
+                  fast_server: bool = False) -> "Settings":
+        """Flags override COSYVOICE_* variables, which override the defaults. `fast_server`: the
+        flags of fast_server.py (the TensorRT-LLM ones too), whose LLM backend defaults to trtllm
+        and, on it, the device to cuda."""
         environ = os.environ if environ is None else environ
+        program = "fast_server.py" if fast_server else "server.py"
         parser = argparse.ArgumentParser(
-            prog="server.py", description="CosyVoice2 text-to-speech server. Every flag can also be set "
-                                          f"as an environment variable {ENV_PREFIX}<FLAG NAME>.")
+            prog=program, description="CosyVoice text-to-speech server. Every flag can also be set "
+                                      f"as an environment variable {ENV_PREFIX}<FLAG NAME>.")
+        launcher_defaults = {"llm_backend": "trtllm", "device": None} if fast_server else {}
         for setting in fields(cls):
+            if setting.metadata.get(FAST_SERVER) and not fast_server:
+                continue
             flag = "--" + setting.name.replace("_", "-")
             env_name = ENV_PREFIX + setting.name.upper()
             convert = _converter(setting.type)
             default = environ.get(env_name)
+            required = default is None and setting.name == "model_dir"
             if default is None and setting.name != "model_dir":
-                default = setting.default
+                default = launcher_defaults.get(setting.name, setting.default)
             parser.add_argument(flag, dest=setting.name, type=convert, default=default,
-                                required=default is None,
-                                help=f"{setting.metadata['help']} (env {env_name})")
+                                required=required, help=f"{setting.metadata['help']} (env {env_name})")
         # argparse converts string defaults (the environment's values) with `type` as well
-        return cls(**vars(parser.parse_args(argv))).validated(parser)
+        values = vars(parser.parse_args(argv))
+        if values.get("device", "cpu") is None:   # fast_server.py, told no device
+            values["device"] = "cuda" if values["llm_backend"] == "trtllm" else "cpu"
+        return cls(**values).validated(parser)
 
     def __post_init__(self):
         if self.workers == 0:   # auto: a GPU runs a batch of 8 for about the cost of one request
@@ -103,6 +130,10 @@ class Settings:
                 problems.append(f"--{name.replace('_', '-')} must not be negative")
         if self.max_upload_mb <= 0:
             problems.append("--max-upload-mb must be positive")
+        if self.llm_backend not in LLM_BACKENDS:
+            problems.append(f"--llm-backend must be {' or '.join(LLM_BACKENDS)}, not {self.llm_backend!r}")
+        if self.trtllm_dtype not in (None, *TRTLLM_DTYPES):
+            problems.append(f"--trtllm-dtype must be {' or '.join(TRTLLM_DTYPES)}, not {self.trtllm_dtype!r}")
         if problems:
             parser.error("; ".join(problems))
         return self
@@ -110,4 +141,4 @@ class Settings:
 
 def _converter(annotation: str):
     """The function turning a flag's text into the field's type (annotations are strings here)."""
-    return {"Path": Path, "int": int, "float": float, "str": str}[annotation]
+    return {"Path": Path, "int": int, "float": float, "str": str}[annotation.removesuffix(" | None")]

@@ -1,13 +1,12 @@
-"""Request parameters -> an engine Job: text checks, voice choice, mode choice, cache key.
-
-Every API family ends here, so every family checks text, speed and voices the same way.
-"""
+"""Request parameters -> a Job: text checks, voice choice, mode choice, cache key. Every API
+family ends here, so every family checks text, speed and voices the same way."""
 from __future__ import annotations
 
 import re
 
-from .engine import Engine, Job, PromptUpload
 from .errors import ApiError
+from .modes import Job, Mode, PromptUpload
+from .service import SpeechService
 from .voices import prompt_digest
 
 MIN_SPEED, MAX_SPEED = 0.25, 4.0
@@ -42,61 +41,55 @@ def check_seed(seed: int | None) -> int | None:
     return seed
 
 
-def job_for_voice(engine: Engine, text: str, voice_name: str | None, *, instruct: str = "",
-                  mode: str | None = None, speed: float = 1.0, seed: int | None = None,
+def job_for_voice(service: SpeechService, text: str, voice_name: str | None, *, instruct: str = "",
+                  mode: Mode | None = None, speed: float = 1.0, seed: int | None = None,
                   stream: bool = True) -> Job:
     """A job speaking `text` in a stored voice, or as a built-in speaker of the model (sft).
-
-    Without an explicit mode: an instruction means instruct2, a voice with a transcript zero_shot,
-    one without cross_lingual.
-    """
-    settings = engine.settings
+    Without an explicit mode, Mode.for_voice chooses."""
+    settings = service.settings
     text = check_text(text, settings.max_text_chars)
     speed = check_speed(speed)
     if instruct:
         check_text(instruct, settings.max_text_chars, "instruction")
-    stored_names = _stored_names(engine)
+    stored_names = {info.name for info in service.voices.list()}
+    builtin = service.speaker_names
     if voice_name and voice_name != "default" and voice_name not in stored_names \
-            and voice_name not in engine.tts.speakers:
-        known = ", ".join(sorted(stored_names) + sorted(engine.tts.speakers)) or "none registered"
+            and voice_name not in builtin:
+        known = ", ".join(sorted(stored_names) + builtin) or "none registered"
         raise ApiError(400, f"unknown voice '{voice_name}'; available: {known}")
-    if voice_name and voice_name in engine.tts.speakers and voice_name not in stored_names:
+    if voice_name and voice_name in builtin and voice_name not in stored_names:
         if instruct or mode is not None:
             raise ApiError(400, f"'{voice_name}' is a built-in speaker; it supports plain (sft) speech only")
-        return _job("sft", text, None, f"speaker:{voice_name}", speed, seed, stream, speaker=voice_name)
-    stored = engine.voices.resolve(voice_name)
+        return _job(Mode.SFT, text, None, f"speaker:{voice_name}", speed, seed, stream, speaker=voice_name)
+    stored = service.voices.resolve(voice_name)
     if mode is None:
-        mode = "instruct2" if instruct else ("zero_shot" if stored.info.prompt_text else "cross_lingual")
+        mode = Mode.for_voice(instruct, stored.info.prompt_text)
     return _job(mode, text, stored.voice, f"voice:{stored.info.name}:{stored.info.revision}",
                 speed, seed, stream, instruct=instruct)
 
 
-def job_for_upload(engine: Engine, mode: str, text: str, audio: bytes, prompt_text: str = "", *,
+def job_for_upload(service: SpeechService, mode: Mode, text: str, audio: bytes, prompt_text: str = "", *,
                    instruct: str = "", speed: float = 1.0, seed: int | None = None,
                    stream: bool = True) -> Job:
     """A job whose voice is prompt audio sent with the request."""
-    settings = engine.settings
+    settings = service.settings
     text = check_text(text, settings.max_text_chars)
     speed = check_speed(speed)
     if not audio:
         raise ApiError(400, "the prompt audio upload is empty")
-    if mode == "zero_shot":
+    if mode.needs_transcript:
         check_text(prompt_text, settings.max_text_chars, "prompt text (transcript of the prompt audio)")
-    if mode == "instruct2":
+    if mode.needs_instruction:
         check_text(instruct, settings.max_text_chars, "instruction")
     digest = prompt_digest(audio, prompt_text)
     return _job(mode, text, PromptUpload(audio, prompt_text), f"upload:{digest}", speed, seed,
                 stream, instruct=instruct)
 
 
-def _job(mode: str, text: str, voice, voice_key: str, speed: float, seed: int | None,
+def _job(mode: Mode, text: str, voice, voice_key: str, speed: float, seed: int | None,
          stream: bool, speaker: str = "", instruct: str = "") -> Job:
     seed = check_seed(seed)
     model_stream = stream and speed == 1.0    # the runtime changes speed on whole utterances only
-    key = (mode, text, voice_key, instruct, speed, seed, model_stream)
+    key = (mode.value, text, voice_key, instruct, speed, seed, model_stream)
     return Job(mode, text, voice, speaker=speaker, instruct=instruct, speed=speed, seed=seed,
                stream=model_stream, cache_key=key)
-
-
-def _stored_names(engine: Engine) -> set[str]:
-    return {info.name for info in engine.voices.list()}

@@ -1,17 +1,7 @@
-"""The voice store: named, prepared voices that survive a restart.
-
-A voice folder holds prompt files named `[name]prompt text.wav` (any format libsndfile reads),
-imported at start; voices registered through the API live beside them. Prepared features are kept
-in the folder's `.store/` subfolder, so a restart loads them instead of recomputing:
-
-    voices/
-      [alice]Hello, this is Alice.wav      imported at start (deleting the voice deletes the file)
-      .store/alice.voice                   prepared features (cosyvoice.Voice.save)
-      .store/alice.json                    transcript, source file, revision, creation time
-      .store/bob.wav                       prompt audio of a voice registered through the API
-
-A voice's revision is a digest of its prompt audio and transcript: an imported file that changes
-is prepared again, and response-cache keys include it.
+"""The voice store: named voices, prepared once and kept in the voice folder's `.store/` beside
+their prompt audio, so a restart loads them; `[name]transcript.wav` files in the folder are
+imported at start. A voice of another model generation is prepared again from its prompt audio,
+or refused with a 409 when that audio is gone.
 """
 from __future__ import annotations
 
@@ -28,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from ..errors import InputError
 from ..frontend.audio import AudioError, load_audio
 from ..voice import Voice
 from .errors import ApiError
@@ -76,6 +67,8 @@ def prompt_digest(audio: bytes, prompt_text: str) -> str:
 
 
 def revision_of(audio: bytes, prompt_text: str) -> str:
+    """A voice's revision: an imported file that changes is prepared again, and response-cache
+    keys include it."""
     return prompt_digest(audio, prompt_text)[:16]
 
 
@@ -101,6 +94,7 @@ class VoiceStore:
         self.folder = Path(folder)
         self.store = self.folder / STORE_FOLDER
         self.default_name = default_name
+        self.generation: str | None = None   # the model's, once open()
         self._voices: dict[str, StoredVoice] = {}
         self._lock = threading.Lock()
 
@@ -108,16 +102,21 @@ class VoiceStore:
 
     def open(self, tts) -> dict[str, int]:
         """Loads stored voices and imports the folder's prompt files. Returns counts of voices
-        `loaded` from the store, `prepared` anew and `skipped` (unusable files, logged)."""
+        `loaded` from the store, `prepared` anew (or again, for this model's generation) and
+        `skipped` (unusable files, logged)."""
         self.store.mkdir(parents=True, exist_ok=True)
+        self.generation = tts.generation
         counts = {"loaded": 0, "prepared": 0, "skipped": 0}
         imports = self._import_files()
         for name, stored_voice in self._read_store(counts).items():
             source = stored_voice.info.source
             if source == "api" or (name in imports and imports[name][0].name == source
                                    and imports[name][2] == stored_voice.info.revision):
+                if stored_voice.voice.generation != self.generation:
+                    stored_voice = self._prepare_again(tts, stored_voice, counts)
+                else:
+                    counts["loaded"] += 1
                 self._voices[name] = stored_voice
-                counts["loaded"] += 1
             elif name not in imports:
                 log.info("voice %s: its file %s is gone from %s; forgetting it", name, source, self.folder)
                 self._remove_files(name)
@@ -134,6 +133,24 @@ class VoiceStore:
         log.info("voices: %d loaded from %s, %d prepared, %d skipped", counts["loaded"], self.store,
                  counts["prepared"], counts["skipped"])
         return counts
+
+    def _prepare_again(self, tts, stored: StoredVoice, counts: dict[str, int]) -> StoredVoice:
+        """The voice prepared by this model from its prompt audio (same name, transcript,
+        revision and creation time); unchanged, and refused by resolve(), if that cannot be."""
+        info, old = stored.info, stored.voice.generation
+        try:
+            samples, rate = read_prompt(self._prompt_path(info).read_bytes())
+            voice = tts.prepare_voice(samples, info.prompt_text, sample_rate=rate)
+        except (OSError, InputError) as error:   # InputError: AudioError, or a prompt this model refuses
+            log.warning("voice %s was prepared by %s, and this model is %s; it cannot be prepared "
+                        "again (%s), so requests for it are refused", info.name, old, self.generation, error)
+            counts["skipped"] += 1
+            return stored
+        with self._lock:
+            _write_atomically(self.store / f"{info.name}.voice", voice.save)
+        log.info("voice %s: prepared again for %s (it was prepared by %s)", info.name, self.generation, old)
+        counts["prepared"] += 1
+        return StoredVoice(info, voice)
 
     def _read_store(self, counts: dict[str, int]) -> dict[str, StoredVoice]:
         voices = {}
@@ -180,7 +197,11 @@ class VoiceStore:
         return found
 
     def resolve(self, name: str | None) -> StoredVoice:
-        """The voice a request names; no name or 'default' picks the default voice."""
+        """The voice a request names; no name or 'default' picks the default voice. A voice of
+        another model generation (see open) is a 409."""
+        return self._usable(self._find(name))
+
+    def _find(self, name: str | None) -> StoredVoice:
         with self._lock:
             if name and name != "default":
                 if name in self._voices:
@@ -194,6 +215,16 @@ class VoiceStore:
                 return min(self._voices.values(), key=lambda v: v.info.created)
         raise ApiError(400, "no voice is registered yet: register one with POST /api/voices "
                             f"or put '[name]transcript.wav' files in {self.folder}")
+
+    def _usable(self, stored: StoredVoice) -> StoredVoice:
+        voice_generation = stored.voice.generation
+        if self.generation is not None and voice_generation != self.generation:
+            name = stored.info.name
+            raise ApiError(409, f"voice '{name}' was prepared by a {voice_generation} model and this "
+                                f"server runs {self.generation}; its prompt audio is missing or "
+                                "unreadable, so it could not be prepared again: delete it (DELETE "
+                                f"/api/voices/{name}) and register it again")
+        return stored
 
     def register(self, tts, name: str, prompt_text: str, audio: bytes) -> VoiceInfo:
         """Prepares and saves a voice (slow: run it off the event loop). A taken name is refused
@@ -229,12 +260,15 @@ class VoiceStore:
 
     def audio_path(self, name: str) -> Path:
         """The prompt audio file of a voice; 404 if someone removed it from the disk."""
-        info = self.get(name).info
-        path = self.store / f"{name}.wav" if info.source == "api" else self.folder / info.source
+        path = self._prompt_path(self.get(name).info)
         if not path.is_file():
             log.warning("voice %s: its prompt file %s is gone", name, path)
             raise ApiError(404, f"the prompt audio of voice '{name}' is missing on the server")
         return path
+
+    def _prompt_path(self, info: VoiceInfo) -> Path:
+        """Where a voice's prompt audio is kept: .store/ for registered voices, else the imported file."""
+        return self.store / f"{info.name}.wav" if info.source == "api" else self.folder / info.source
 
     def _remove_files(self, name: str) -> None:
         for suffix in (".json", ".voice", ".wav"):

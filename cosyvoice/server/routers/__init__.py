@@ -1,15 +1,15 @@
-"""One router per API family; `engine_of` is the dependency they share."""
+"""One router per API family; `service_of` and `ready_service` are the dependencies they share."""
 from fastapi import Request
 
-from ..engine import Engine
+from ..service import SpeechService
 
 
-def engine_of(request: Request) -> Engine:
-    return request.app.state.engine
+def service_of(request: Request) -> SpeechService:
+    return request.app.state.service
 
 
-def ready_engine(request: Request) -> Engine:
-    """The engine, once it can serve requests (else 503 with Retry-After)."""
-    engine = engine_of(request)
-    engine.check_ready()
-    return engine
+def ready_service(request: Request) -> SpeechService:
+    """The speech service, once it can serve requests (else 503 with Retry-After)."""
+    service = service_of(request)
+    service.check_ready()
+    return service

@@ -11,13 +11,13 @@ from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.responses import FileResponse, Response
 
 from ..audio_encoding import check_format
-from ..engine import Engine
 from ..errors import ApiError
-from ..schemas import SpeakerOut, VoiceOut
-from ..speech import job_for_voice
 from ..responses import audio_response
+from ..schemas import SpeakerOut, VoiceOut
+from ..service import SpeechService
+from ..speech import job_for_voice
 from ..voices import VoiceInfo, check_name
-from . import engine_of, ready_engine
+from . import ready_service, service_of
 
 router = APIRouter(tags=["native"])
 
@@ -31,18 +31,18 @@ async def tts(request: Request,
               seed: int | None = Form(None),
               format: str = Form("pcm", description="pcm, wav, mp3, opus, flac or aac"),
               stream: bool = Form(True),
-              engine: Engine = Depends(ready_engine)) -> Response:
+              service: SpeechService = Depends(ready_service)) -> Response:
     check_format(format)
-    job = job_for_voice(engine, text, speaker or None, instruct=instruct, speed=speed, seed=seed,
+    job = job_for_voice(service, text, speaker or None, instruct=instruct, speed=speed, seed=seed,
                         stream=stream)
-    generation = await engine.start(job)
-    return await audio_response(request, generation, format, engine.sample_rate, stream)
+    synthesis = await service.start(job)
+    return await audio_response(request, synthesis, format, service.sample_rate, stream)
 
 
 @router.get("/api/speakers", response_model=list[SpeakerOut], summary="voices and built-in speakers")
-def speakers(engine: Engine = Depends(ready_engine)) -> list[SpeakerOut]:
-    voices = [SpeakerOut(name=info.name, voice_id=info.name, kind="voice") for info in engine.voices.list()]
-    builtin = [SpeakerOut(name=name, voice_id=name, kind="builtin") for name in sorted(engine.tts.speakers)]
+def speakers(service: SpeechService = Depends(ready_service)) -> list[SpeakerOut]:
+    voices = [SpeakerOut(name=info.name, voice_id=info.name, kind="voice") for info in service.voices.list()]
+    builtin = [SpeakerOut(name=name, voice_id=name, kind="builtin") for name in service.speaker_names]
     return voices + builtin
 
 
@@ -52,8 +52,8 @@ def voice_out(info: VoiceInfo) -> VoiceOut:
 
 
 @router.get("/api/voices", response_model=list[VoiceOut], summary="registered voices")
-def list_voices(engine: Engine = Depends(engine_of)) -> list[VoiceOut]:
-    return [voice_out(info) for info in engine.voices.list()]
+def list_voices(service: SpeechService = Depends(service_of)) -> list[VoiceOut]:
+    return [voice_out(info) for info in service.voices.list()]
 
 
 @router.post("/api/voices", response_model=VoiceOut, status_code=201, summary="register a voice")
@@ -61,25 +61,24 @@ async def register_voice(name: str = Form(..., description="no path separators, 
                          prompt_text: str = Form("", description="transcript of the audio "
                                                                  "(needed for zero_shot)"),
                          audio: UploadFile = File(..., description="3 to 30 s of clear speech"),
-                         engine: Engine = Depends(ready_engine)) -> VoiceOut:
+                         service: SpeechService = Depends(ready_service)) -> VoiceOut:
     check_name(name)
-    if any(info.name == name for info in engine.voices.list()):
+    if any(info.name == name for info in service.voices.list()):
         raise ApiError(409, f"a voice named '{name}' exists; delete it first")
-    if len(prompt_text) > engine.settings.max_text_chars:
-        raise ApiError(400, f"the prompt text is longer than {engine.settings.max_text_chars} characters")
+    if len(prompt_text) > service.settings.max_text_chars:
+        raise ApiError(400, f"the prompt text is longer than {service.settings.max_text_chars} characters")
     data = await audio.read()
     if not data:
         raise ApiError(400, "the audio upload is empty")
-    info = await engine.run(engine.voices.register, engine.tts, name, prompt_text, data)
-    return voice_out(info)
+    return voice_out(await service.register_voice(name, prompt_text, data))
 
 
 @router.delete("/api/voices/{name}", summary="delete a voice (and its imported file)")
-def delete_voice(name: str, engine: Engine = Depends(engine_of)) -> dict:
-    engine.voices.delete(check_name(name))
+def delete_voice(name: str, service: SpeechService = Depends(service_of)) -> dict:
+    service.voices.delete(check_name(name))
     return {"deleted": name}
 
 
 @router.get("/api/voices/{name}/audio", summary="the prompt audio of a voice")
-def voice_audio(name: str, engine: Engine = Depends(engine_of)) -> FileResponse:
-    return FileResponse(engine.voices.audio_path(check_name(name)))
+def voice_audio(name: str, service: SpeechService = Depends(service_of)) -> FileResponse:
+    return FileResponse(service.voices.audio_path(check_name(name)))

@@ -14,25 +14,18 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
-from ..engine import Engine, Job
 from ..errors import ApiError
+from ..modes import Job, Mode
 from ..responses import audio_response
+from ..schemas import UpstreamParams
+from ..service import SpeechService
 from ..speech import job_for_upload, job_for_voice
-from . import ready_engine
+from . import ready_service
 
 router = APIRouter(tags=["upstream CosyVoice"])
-
-
-class UpstreamParams(BaseModel):
-    tts_text: str
-    spk_id: str = ""
-    prompt_text: str = ""
-    instruct_text: str = ""
-    speed: float = 1.0
-    seed: int | None = None
 
 
 async def read_params(request: Request) -> tuple[UpstreamParams, bytes | None]:
@@ -56,55 +49,55 @@ async def read_params(request: Request) -> tuple[UpstreamParams, bytes | None]:
         raise RequestValidationError(error.errors()) from None
 
 
-async def respond(request: Request, engine: Engine, job: Job) -> Response:
-    generation = await engine.start(job)
-    return await audio_response(request, generation, "pcm", engine.sample_rate, stream=True)
+async def respond(request: Request, service: SpeechService, job: Job) -> Response:
+    synthesis = await service.start(job)
+    return await audio_response(request, synthesis, "pcm", service.sample_rate, stream=True)
 
 
-def prompt_job(engine: Engine, mode: str, params: UpstreamParams, upload: bytes | None) -> Job:
+def prompt_job(service: SpeechService, mode: Mode, params: UpstreamParams, upload: bytes | None) -> Job:
     """A job on the uploaded prompt_wav, or on the registered voice named in spk_id."""
     if upload is not None:
-        return job_for_upload(engine, mode, params.tts_text, upload, params.prompt_text,
+        return job_for_upload(service, mode, params.tts_text, upload, params.prompt_text,
                               instruct=params.instruct_text, speed=params.speed, seed=params.seed)
     if not params.spk_id:
-        raise ApiError(400, f"{mode} needs prompt audio: upload prompt_wav (POST multipart) "
+        raise ApiError(400, f"{mode.value} needs prompt audio: upload prompt_wav (POST multipart) "
                             "or name a registered voice in spk_id")
-    return job_for_voice(engine, params.tts_text, params.spk_id, mode=mode,
+    return job_for_voice(service, params.tts_text, params.spk_id, mode=mode,
                          instruct=params.instruct_text, speed=params.speed, seed=params.seed)
 
 
 @router.api_route("/inference_sft", methods=["GET", "POST"])
-async def inference_sft(request: Request, engine: Engine = Depends(ready_engine)) -> Response:
+async def inference_sft(request: Request, service: SpeechService = Depends(ready_service)) -> Response:
     params, _ = await read_params(request)
     if not params.spk_id:
         raise ApiError(400, "spk_id is required: a built-in speaker or a registered voice")
-    job = job_for_voice(engine, params.tts_text, params.spk_id, speed=params.speed, seed=params.seed)
-    return await respond(request, engine, job)
+    job = job_for_voice(service, params.tts_text, params.spk_id, speed=params.speed, seed=params.seed)
+    return await respond(request, service, job)
 
 
 @router.api_route("/inference_zero_shot", methods=["GET", "POST"])
-async def inference_zero_shot(request: Request, engine: Engine = Depends(ready_engine)) -> Response:
+async def inference_zero_shot(request: Request, service: SpeechService = Depends(ready_service)) -> Response:
     params, upload = await read_params(request)
-    return await respond(request, engine, prompt_job(engine, "zero_shot", params, upload))
+    return await respond(request, service, prompt_job(service, Mode.ZERO_SHOT, params, upload))
 
 
 @router.api_route("/inference_cross_lingual", methods=["GET", "POST"])
-async def inference_cross_lingual(request: Request, engine: Engine = Depends(ready_engine)) -> Response:
+async def inference_cross_lingual(request: Request, service: SpeechService = Depends(ready_service)) -> Response:
     params, upload = await read_params(request)
-    return await respond(request, engine, prompt_job(engine, "cross_lingual", params, upload))
+    return await respond(request, service, prompt_job(service, Mode.CROSS_LINGUAL, params, upload))
 
 
 @router.api_route("/inference_instruct", methods=["GET", "POST"])
-async def inference_instruct(request: Request, engine: Engine = Depends(ready_engine)) -> Response:
+async def inference_instruct(request: Request, service: SpeechService = Depends(ready_service)) -> Response:
     params, _ = await read_params(request)
     if not params.spk_id:
         raise ApiError(400, "spk_id is required: a registered voice to speak in")
     if not params.instruct_text.strip():
         raise ApiError(400, "instruct_text is required")
-    return await respond(request, engine, prompt_job(engine, "instruct2", params, None))
+    return await respond(request, service, prompt_job(service, Mode.INSTRUCT2, params, None))
 
 
 @router.api_route("/inference_instruct2", methods=["GET", "POST"])
-async def inference_instruct2(request: Request, engine: Engine = Depends(ready_engine)) -> Response:
+async def inference_instruct2(request: Request, service: SpeechService = Depends(ready_service)) -> Response:
     params, upload = await read_params(request)
-    return await respond(request, engine, prompt_job(engine, "instruct2", params, upload))
+    return await respond(request, service, prompt_job(service, Mode.INSTRUCT2, params, upload))

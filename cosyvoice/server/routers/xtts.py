@@ -10,48 +10,48 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 
-from ..engine import Engine
 from ..responses import audio_response
 from ..schemas import XttsRequest
+from ..service import SpeechService
 from ..speech import job_for_voice
-from . import engine_of, ready_engine
+from . import ready_service, service_of
 
 router = APIRouter(tags=["xtts-api-server"])
 
 
-def voice_name(engine: Engine, speaker_wav: str) -> str:
+def voice_name(service: SpeechService, speaker_wav: str) -> str:
     """xtts clients send a speaker file name; 'alice.wav' means the voice 'alice'."""
-    names = {info.name for info in engine.voices.list()}
+    names = {info.name for info in service.voices.list()}
     if speaker_wav not in names and speaker_wav.lower().endswith(".wav") and speaker_wav[:-4] in names:
         return speaker_wav[:-4]
     return speaker_wav
 
 
 @router.get("/speakers_list")
-def speakers_list(engine: Engine = Depends(engine_of)) -> list[str]:
-    return [info.name for info in engine.voices.list()]
+def speakers_list(service: SpeechService = Depends(service_of)) -> list[str]:
+    return [info.name for info in service.voices.list()]
 
 
 @router.get("/speakers")
-def speakers(request: Request, engine: Engine = Depends(engine_of)) -> list[dict]:
+def speakers(request: Request, service: SpeechService = Depends(service_of)) -> list[dict]:
     base = str(request.base_url).rstrip("/")
     return [{"name": info.name, "voice_id": info.name,
-             "preview_url": f"{base}/api/voices/{info.name}/audio"} for info in engine.voices.list()]
+             "preview_url": f"{base}/api/voices/{info.name}/audio"} for info in service.voices.list()]
 
 
 @router.post("/tts_to_audio/")
 async def tts_to_audio(body: XttsRequest, request: Request,
-                       engine: Engine = Depends(ready_engine)) -> Response:
-    job = job_for_voice(engine, body.text, voice_name(engine, body.speaker_wav), seed=body.seed,
+                       service: SpeechService = Depends(ready_service)) -> Response:
+    job = job_for_voice(service, body.text, voice_name(service, body.speaker_wav), seed=body.seed,
                         stream=False)
-    generation = await engine.start(job)
-    return await audio_response(request, generation, "wav", engine.sample_rate, stream=False)
+    synthesis = await service.start(job)
+    return await audio_response(request, synthesis, "wav", service.sample_rate, stream=False)
 
 
 @router.get("/tts_stream")
 async def tts_stream(request: Request, text: str = Query(...), speaker_wav: str = Query("default"),
                      language: str = Query("auto"), seed: int | None = Query(None, description="extension"),
-                     engine: Engine = Depends(ready_engine)) -> Response:
-    job = job_for_voice(engine, text, voice_name(engine, speaker_wav), seed=seed, stream=True)
-    generation = await engine.start(job)
-    return await audio_response(request, generation, "wav", engine.sample_rate, stream=True)
+                     service: SpeechService = Depends(ready_service)) -> Response:
+    job = job_for_voice(service, text, voice_name(service, speaker_wav), seed=seed, stream=True)
+    synthesis = await service.start(job)
+    return await audio_response(request, synthesis, "wav", service.sample_rate, stream=True)
