@@ -1,5 +1,7 @@
 """The HF export of the LLM: transformers on the exported folder (with the bias applied) gives
-SpeechLM's log-probs, the merged vocabulary maps back exactly, and the CLI writes it."""
+SpeechLM's (CosyVoice2) and CosyVoice3LM's log-probs, the merged vocabulary maps back exactly for
+both layouts, and the CLI writes it."""
+import dataclasses
 import gc
 import json
 import shutil
@@ -9,10 +11,14 @@ import torch
 from conftest import report_error
 from transformers import AutoTokenizer, Qwen2ForCausalLM
 
-from cosyvoice.backends.hf_export import ExportInfo, export_hf, export_model_dir
-from cosyvoice.backends.hf_model import load_exported
+from safetensors import safe_open
+
+from cosyvoice.backends.hf_export import EXPORT_INFO_NAME, WEIGHTS_NAME, ExportInfo, export_hf, export_model_dir
+from cosyvoice.backends.hf_model import export_lm_head_bias, load_exported
+from cosyvoice.backends.vocab import MergedVocab
 from cosyvoice.cli import main as cli_main
 from cosyvoice.frontend.tokenizer import QwenTokenizer
+from cosyvoice.loading.generations import COSYVOICE3
 from cosyvoice.loading.model_dir import QWEN2_0_5B, QWEN_DIR, build_stage, load_stage, read_config
 
 LAYOUTS = ["zero_shot", "cross_lingual", "instruct2"]
@@ -26,8 +32,8 @@ def hf_speech_log_probs(model, vocab, text, prompt_text, prompt_speech, continua
     ids = vocab.prompt_ids(text, prompt_text, prompt_speech)
     n_prompt = len(ids)
     ids += [vocab.merged_id(int(token)) for token in continuation]
-    with torch.inference_mode():
-        logits = model(input_ids=torch.tensor([ids])).logits[0, n_prompt - 1:]    # [n + 1, rows]
+    with torch.inference_mode():   # logits of the last n + 1 positions only: [n + 1, rows]
+        logits = model(input_ids=torch.tensor([ids]), logits_to_keep=len(continuation) + 1).logits[0]
     logp = logits.float().log_softmax(dim=-1)
     head = slice(vocab.speech_offset, vocab.speech_offset + vocab.head_rows)
     others = torch.cat([logp[:, :head.start], logp[:, head.stop:]], dim=1)
@@ -119,6 +125,172 @@ def test_cli_exports_and_refuses_to_overwrite(model_dir, tmp_path, capsys):
     assert ExportInfo.read(out).dtype == "bfloat16"
     assert cli_main(["export-hf", "--model-dir", str(model_dir), "--out", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+# ---- both layouts ---------------------------------------------------------------------------------
+
+
+def test_vocab_layout_of_both_generations(tiny_llm, cv3_llm):
+    """CosyVoice2: 3 stop ids after the codes, SOS/TASK_ID ids of their own (llm_embedding).
+    CosyVoice3: 200 stop ids after the codes, SOS/TASK_ID among them (speech_embedding rows).
+    The CosyVoice3 fixture keeps the official tokenizer length, so its ids are the official ones."""
+    cv2 = dataclasses.replace(MergedVocab.for_llm(tiny_llm, 1520), text_size=151663, qwen_rows=151936)
+    assert (cv2.speech_offset, cv2.head_rows, cv2.stop_ids, cv2.eos_id, cv2.sos_id, cv2.task_id, cv2.length,
+            cv2.rows) == (151663, 6564, (158224, 158225, 158226), 158224, 158227, 158228, 158229, 158336)
+    assert cv2.added_token_names()[-5:] == ["<|eos1|>", "<|eos2|>", "<|eos3|>", "<|sos|>", "<|task_id|>"]
+
+    cv3 = MergedVocab.for_llm(cv3_llm, 151924)
+    assert cv3.qwen_rows == 151936 and cv3.head_rows == cv3_llm.vocab_size == 6761
+    assert (cv3.speech_offset, cv3.sos_id, cv3.eos_id, cv3.task_id, cv3.length, cv3.rows) == \
+        (151924, 158485, 158486, 158487, 158685, 158720)
+    assert cv3.stop_ids == tuple(range(158485, 158685)) and len(cv3.stop_ids) == 200
+    assert cv3.eos_id == cv3.merged_id(cv3_llm.eos_token) and cv3.sos_id in cv3.stop_ids
+    names = cv3.added_token_names()
+    assert len(names) == 6761 and names[6560] == "<|s_6560|>"
+    assert names[6561:6566] == ["<|sos|>", "<|eos1|>", "<|task_id|>", "<|fill|>", "<|eos5|>"]
+    assert names[-1] == "<|eos200|>" and not any(name.startswith("<|s_") for name in names[6561:])
+    assert [cv3.is_stop_id(i) for i in (158484, 158485, 158684, 158685)] == [False, True, True, False]
+    assert [cv3.head_row(cv3.merged_id(row)) for row in (0, 6560, 6561, 6760)] == [0, 6560, 6561, 6760]
+    for vocab, llm in ((cv2, tiny_llm), (cv3, cv3_llm)):   # the stop ids are exactly the LLM's
+        assert [vocab.head_row(i) for i in vocab.stop_ids] == \
+            [row for row in range(llm.vocab_size) if llm.is_stop_token(row)]
+    text, prompt_text, prompt_speech = torch.tensor([[11, 151646]]), torch.tensor([[5]]), torch.tensor([[0, 6560]])
+    assert cv3.prompt_ids(text, prompt_text, prompt_speech) == [158485, 5, 11, 151646, 158487, 151924, 158484]
+    with pytest.raises(ValueError):
+        cv3.prompt_ids(text, prompt_text, torch.tensor([[6561]]))   # a stop id is no prompt token
+    with pytest.raises(ValueError):
+        cv3.head_row(cv3.rows - 1)                                  # padding
+    assert MergedVocab.from_dict(cv3.to_dict()) == cv3
+
+
+def test_format_1_metadata_reads_as_cosyvoice2(tmp_path):
+    """Exports written before the layout was parametrised (CosyVoice2 only) still load."""
+    old = {"format": 1, "dtype": "float32", "weights_sha256": "ab", "text_size": 1520, "speech_size": 6561,
+           "qwen_rows": 1536, "rows": 8192, "speech_offset": 1520, "stop_ids": [8081, 8082, 8083],
+           "sos_id": 8084, "task_id": 8085}
+    (tmp_path / EXPORT_INFO_NAME).write_text(json.dumps(old))
+    info = ExportInfo.read(tmp_path)
+    assert info.vocab == MergedVocab(1520, 6561, 1536) and info.generation == "CosyVoice2"
+    assert info.head_bias and info.min_len_masked_rows == (6561,)
+
+
+# ---- CosyVoice3 --------------------------------------------------------------------------------
+
+FLOAT32_UNIT_ROUNDOFF = 2.0 ** -24
+
+
+def gamma(n):
+    """The float32 rounding bound of an n-term sum, relative to the sum of the terms' magnitudes."""
+    return n * FLOAT32_UNIT_ROUNDOFF / (1 - n * FLOAT32_UNIT_ROUNDOFF)
+
+
+def float32_log_prob_bound(llm, inputs, continuation):
+    """How far two float32 log-softmaxes of the same head on the same hidden states may differ
+    when only their summation order differs. That is all that separates the export from
+    CosyVoice3LM: transformers runs the same float32 body on the same embedding rows (so the
+    same hidden states h); the head's product takes rows of a larger matrix W, and the normaliser
+    sums over every row, the masked ones adding exp(-inf) = 0 exactly. A logit's H-term dot
+    product may then move by gamma_H * (|W||h|), and the log of the normaliser's V-term sum by
+    gamma_V plus the largest logit error: the bound is the two logit errors plus gamma_V."""
+    with torch.inference_mode():
+        prompt = llm.prompt_embeddings(*inputs)
+        speech = llm.speech_embedding(continuation.long().reshape(1, -1))
+        hidden, _ = llm.llm(torch.cat([prompt, speech], dim=1))
+        hidden = hidden[0, prompt.shape[1] - 1:]                                   # [n + 1, H]
+        weight = llm.llm_decoder.weight                                            # [V, H]
+        magnitude = float((hidden.abs() @ weight.abs().T).max())
+    return 2 * gamma(weight.shape[1]) * magnitude + gamma(weight.shape[0])
+
+
+@pytest.fixture(scope="module")
+def cv3_llm(cv3_model_dir):
+    return load_stage(cv3_model_dir, "llm")
+
+
+@pytest.fixture(scope="module")
+def cv3_export(cv3_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export-cv3") / "hf"
+    return out, export_model_dir(cv3_model_dir, out)
+
+
+@pytest.fixture(scope="module")
+def cv3_exported(cv3_export):
+    return load_exported(cv3_export[0])
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_cv3_exported_log_probs_match_cosyvoice3_lm(cv3_export, cv3_exported, cv3_llm, cv3_reference, layout):
+    """Teacher-forced, over all 6761 head ids (codes, SOS/EOS/TASK_ID/FILL and the unused stop
+    ids); every other id (text, padding) is impossible."""
+    out, info = cv3_export
+    ref = cv3_reference("llm")
+    inputs, forced = layout_inputs(ref, layout), torch.from_numpy(ref["forced_tokens"])
+    ours = cv3_llm.log_probs(cv3_llm.prompt_embeddings(*inputs), forced)
+    theirs, other_max = hf_speech_log_probs(cv3_exported, info.vocab, *inputs, forced)
+    bound = float32_log_prob_bound(cv3_llm, inputs, forced)
+    abs_err, _ = report_error(f"hf export (cv3 tiny) {layout} log-probs", theirs, ours)
+    report_error(f"hf export (cv3 tiny) {layout} log-probs vs the reference", theirs,
+                 ref[f"{layout}_teacher_forced_logp"])
+    print(f"[export] float32 summation-order bound {bound:.2e}")
+    assert abs_err <= bound
+    assert other_max == -float("inf"), "text ids and padding must be impossible"
+
+
+def test_cv3_export_is_a_plain_qwen2_checkpoint(cv3_export, cv3_llm, cv3_reference):
+    """No lm_head.bias (the head has none): stock transformers loads every weight, and its
+    log-probs over the head ids are ours, but it leaves the text ids reachable; the mask bias
+    (0 on the head, -inf elsewhere) is what load_exported and the logits processor apply."""
+    out, info = cv3_export
+    with safe_open(str(out / WEIGHTS_NAME), framework="pt") as weights:
+        assert "lm_head.bias" not in weights.keys()
+    stock, loading = Qwen2ForCausalLM.from_pretrained(str(out), dtype=torch.float32, output_loading_info=True)
+    assert not loading["missing_keys"] and not loading["unexpected_keys"] and stock.lm_head.bias is None
+    ref = cv3_reference("llm")
+    inputs, forced = layout_inputs(ref, "zero_shot"), torch.from_numpy(ref["forced_tokens"])
+    ours = cv3_llm.log_probs(cv3_llm.prompt_embeddings(*inputs), forced)
+    head_only, other_max = hf_speech_log_probs(stock.eval(), info.vocab, *inputs, forced)
+    renormalised = head_only.log_softmax(dim=-1)
+    assert (renormalised - ours).abs().max() <= float32_log_prob_bound(cv3_llm, inputs, forced)
+    assert other_max > -float("inf")
+    bias = export_lm_head_bias(out)
+    head = slice(info.vocab.speech_offset, info.vocab.speech_offset + info.vocab.head_rows)
+    assert bias.shape == (info.vocab.rows,) and bool((bias[head] == 0).all())
+    assert int(torch.isinf(bias).sum()) == info.vocab.rows - 6761
+
+
+def test_cv3_export_files_and_metadata(cv3_export, cv3_llm):
+    out, info = cv3_export
+    vocab = info.vocab
+    assert info.generation == "CosyVoice3" and info.head_bias is False
+    assert info.min_len_masked_rows == (cv3_llm.min_len_masked_token,) == (6561,)   # SOS, as the reference
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["Qwen2ForCausalLM"] and config["use_bias"] is False
+    assert config["vocab_size"] == vocab.rows == 158720 and config["tie_word_embeddings"] is False
+    assert config["eos_token_id"] == vocab.eos_id == 158486
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == list(range(158485, 158685)) and generation["pad_token_id"] == 158486
+    written = json.loads((out / EXPORT_INFO_NAME).read_text())
+    assert written["stop_ids"] == list(vocab.stop_ids) and written["eos_id"] == 158486
+    assert written["sos_id"] == 158485 and written["task_id"] == 158487
+    assert ExportInfo.read(out) == info
+
+
+def test_cv3_token_ids_map_back_exactly(cv3_export, cv3_model_dir):
+    out, info = cv3_export
+    vocab = info.vocab
+    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    original = QwenTokenizer(cv3_model_dir / QWEN_DIR, COSYVOICE3.special_tokens)
+    assert vocab.speech_offset == len(original) == 151924 and len(tokenizer) == vocab.length == 158685
+    named = {"<|s_0|>": 151924, "<|s_6560|>": 158484, "<|sos|>": 158485, "<|eos1|>": 158486,
+             "<|task_id|>": 158487, "<|fill|>": 158488, "<|eos5|>": 158489, "<|eos200|>": 158684}
+    for name, merged in named.items():
+        assert tokenizer.convert_tokens_to_ids(name) == merged
+        assert tokenizer.convert_ids_to_tokens(merged) == name
+    for text in ("You are a helpful assistant.<|endofprompt|>今天天气很好。", "[breath]Hello [AA1] there[ǜ]"):
+        assert tokenizer(text)["input_ids"] == original.encode(text)
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": "你好"}], tokenize=False)
+    assert tokenizer(chat + "<|s_7|>")["input_ids"] == vocab.prompt_ids(
+        torch.tensor([original.encode("你好")]), torch.zeros(1, 0, dtype=torch.long), torch.tensor([[7]]))
 
 
 # ---- full size ---------------------------------------------------------------------------------

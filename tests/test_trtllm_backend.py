@@ -6,9 +6,12 @@ which is what the real engine is asked to do. It mirrors what TensorRT-LLM 1.0's
 the TensorRT-engine flavour: the config classes refuse field names the real ones lack, the
 sampling params are pickled on submission (the real LLM sends them to its executor worker
 process), the processor is one callable called with logits [1, beam, rows], and the streamed
-token_ids are cumulative, a trailing stop word dropped from the final output. What this cannot
-show: that the real engine behaves like the fake (see cosyvoice/backends/trtllm.py)."""
+token_ids are cumulative, a trailing stop word dropped from the final output. Both generations:
+CosyVoice2 on the cosyvoice2-tiny fixture, CosyVoice3 (200 stop ids, SOS masked below the minimum
+length, bias-free head) on cosyvoice3-tiny. What this cannot show: that the real engine behaves
+like the fake (see cosyvoice/backends/trtllm.py)."""
 import asyncio
+import functools
 import importlib.machinery
 import pickle
 import sys
@@ -84,6 +87,12 @@ def eos_when_allowed(logp, decoded, generator=None):
     return eos if logp[eos] > -float("inf") else 0
 
 
+def pick_when_allowed(row, logp, decoded, generator=None):
+    """A sampler that draws speech-head row `row` as soon as it is allowed, else code 0 (bind
+    `row` with functools.partial: it must pickle)."""
+    return row if logp[row] > -float("inf") else 0
+
+
 class FakeRequest:
     """One generate_async(streaming=True) result: an async iterator of RequestOutputs whose
     outputs[0].token_ids holds every id generated so far."""
@@ -103,7 +112,7 @@ class FakeRequest:
         if self.finished or self.aborted:
             raise StopAsyncIteration
         with torch.inference_mode():
-            logits = self.model(input_ids=torch.tensor([self.prompt + self.generated])).logits[0, -1]
+            logits = self.model(input_ids=torch.tensor([self.prompt + self.generated]), logits_to_keep=1).logits[0, -1]
         logits = logits.float().reshape(1, 1, -1).clone()           # [1, beam, rows] like the engine's
         # The real stream_ptr is the engine's CUDA stream (an int); there is none here.
         self.params.logits_processor(7, logits, [self.prompt + self.generated], None, None)
@@ -296,12 +305,12 @@ def test_eos_is_blocked_before_the_minimum_length(fake_trtllm, model_dir, cache_
 
 def test_sampler_forces_one_token_and_adds_the_bias():
     bias = torch.tensor([0.0, 0.0, 5.0, 0.0, 0.0])                      # speech_size 2 + 3 stops
-    sampler = SpeechTokenSampler(speech_offset=4, head_bias=bias, speech_size=2, min_len=0,
-                                 sampling=greedy_sampling, seed=0)
+    sampler = SpeechTokenSampler(speech_offset=4, head_bias=bias, speech_size=2, eos_row=2,
+                                 min_len_masked_rows=[2], min_len=0, sampling=greedy_sampling, seed=0)
     logits = torch.zeros(1, 1, 12)
     sampler(0, logits, [[1, 2]], None, None)
     assert logits[0, 0, 4 + 2] == 0 and torch.isinf(logits).sum() == 11   # <|eos1|> won by its bias
-    blocked = SpeechTokenSampler(4, bias, 2, min_len=1, sampling=greedy_sampling, seed=0)
+    blocked = SpeechTokenSampler(4, bias, 2, 2, [2], min_len=1, sampling=greedy_sampling, seed=0)
     assert blocked.force_next(torch.zeros(12)) != 2 and blocked.decoded
 
 
@@ -343,3 +352,78 @@ def test_a_request_the_llm_refuses_fails_instead_of_hanging(fake_trtllm, model_d
     thread.start()
     thread.join(timeout=60)
     assert not thread.is_alive() and "TensorRT-LLM request failed" in str(failures[0])
+
+
+# ---- CosyVoice3 ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cv3_llm(cv3_model_dir):
+    return load_stage(cv3_model_dir, "llm")
+
+
+@pytest.fixture(scope="module")
+def cv3_cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("trtllm-cache-cv3")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_cv3_greedy_tokens_match_cosyvoice3_lm(fake_trtllm, cv3_model_dir, cv3_cache_dir, cv3_llm, cv3_reference,
+                                               layout):
+    backend = make_backend(cv3_model_dir, cv3_cache_dir)
+    ref = cv3_reference("llm")
+    vocab = backend.vocab
+    assert backend.info.generation == "CosyVoice3" and bool((backend.head_bias == 0).all())
+    tokens = list(backend.generate(*inputs(ref, layout), sampling=greedy_sampling))
+    assert tokens == list(cv3_llm.generate(*inputs(ref, layout), sampling=greedy_sampling))
+    assert tokens == ref[f"{layout}_greedy_tokens"].tolist()
+    prompt = fake_trtllm.of("generate_async")[-1]["inputs"]
+    assert prompt == vocab.prompt_ids(*inputs(ref, layout))
+    assert prompt[0] == 151924 + 6561 and 151924 + 6563 in prompt          # SOS, TASK_ID rows
+    params = fake_trtllm.of("SamplingParams")[-1]
+    assert params["end_id"] == params["pad_id"] == 151924 + 6562             # EOS
+    assert params["stop_token_ids"] == list(range(151924 + 6561, 151924 + 6761))   # all 200 extra ids
+    assert params["max_tokens"] == 20 * ref[f"{layout}_text_ids"].shape[1]
+    assert backend.llm.requests[-1].generated[-1] == vocab.eos_id          # ended on its end id
+
+
+def test_cv3_seeded_repetition_aware_sampling_matches_cosyvoice3_lm(fake_trtllm, cv3_model_dir, cv3_cache_dir,
+                                                                    cv3_llm, cv3_reference):
+    backend = make_backend(cv3_model_dir, cv3_cache_dir)
+    ref = cv3_reference("llm")
+    tokens = list(backend.generate(*inputs(ref, "zero_shot"), generator=torch.Generator().manual_seed(5)))
+    seed = request_seed(torch.Generator().manual_seed(5))
+    assert tokens and tokens == list(cv3_llm.generate(*inputs(ref, "zero_shot"),
+                                                      generator=torch.Generator().manual_seed(seed)))
+
+
+@pytest.mark.parametrize("extra, name", [(0, "SOS"), (1, "EOS"), (2, "TASK_ID"), (3, "FILL"), (4, "unused 6565"),
+                                         (199, "unused 6760")])
+def test_cv3_every_extra_id_stops_and_only_sos_waits_for_the_minimum(fake_trtllm, cv3_model_dir, cv3_cache_dir,
+                                                                     cv3_llm, cv3_reference, extra, name):
+    """As CosyVoice3LM (and the reference): any of the 200 ids after the codes ends the segment
+    without being emitted; below the minimum length only row 6561 (`min_len_masked_token`, SOS)
+    is blocked, so EOS and the others may end it at once. The engine is always ended on EOS."""
+    backend = make_backend(cv3_model_dir, cv3_cache_dir)
+    text, prompt_text, prompt_speech = inputs(cv3_reference("llm"), "cross_lingual")
+    row = 6561 + extra
+    sampler = functools.partial(pick_when_allowed, row)
+    tokens = list(backend.generate(text, prompt_text, prompt_speech, sampling=sampler))
+    assert tokens == list(cv3_llm.generate(text, prompt_text, prompt_speech, sampling=sampler))
+    assert tokens == ([0] * (2 * text.shape[1]) if row == cv3_llm.min_len_masked_token else [])
+    request = backend.llm.requests[-1]
+    assert request.finished and request.generated[-1] == backend.vocab.eos_id
+
+
+def test_cv3_sampler_keeps_to_the_speech_head():
+    """Text ids and padding rows are never drawn, however large their logits; a drawn stop id
+    (here SOS, allowed from the minimum length on) is forced as EOS."""
+    text, padding = 3, 2
+    head = torch.tensor([1.0, 0.0, 9.0, 0.5, 0.0, 0.0])            # 2 codes, SOS EOS TASK_ID FILL
+    sampler = SpeechTokenSampler(speech_offset=text, head_bias=torch.zeros(6), speech_size=2, eos_row=3,
+                                 min_len_masked_rows=[2], min_len=1, sampling=greedy_sampling, seed=0)
+    logits = torch.cat([torch.full((text,), 50.0), head, torch.full((padding,), 50.0)])
+    first = logits.clone()
+    assert sampler.force_next(first) == 0 and first.argmax() == text + 0 and torch.isinf(first).sum() == 10
+    second = logits.clone()
+    assert sampler.force_next(second) == 2 and second.argmax() == text + 3 and sampler.decoded == [0]

@@ -1,4 +1,5 @@
-"""The LLM stage on TensorRT-LLM (written against TensorRT-LLM 1.0; needs a CUDA GPU and MPI).
+"""The LLM stage on TensorRT-LLM (written against TensorRT-LLM 1.0; needs a CUDA GPU and MPI), for
+CosyVoice2 and CosyVoice3 model directories alike (the export's metadata says which).
 
 API: the LLM API's TensorRT-engine flavour, `tensorrt_llm._tensorrt_engine.LLM`, on our HF export.
 It builds a TensorRT engine from the HF checkpoint (no convert_checkpoint / trtllm-build steps),
@@ -8,11 +9,15 @@ over `tensorrt_llm.LLM` (1.0's PyTorch backend, which runs the HF checkpoint wit
 because the compiled engine is where the reported 2.5-4x over transformers comes from, and its
 build is a one-time cost per GPU and version that the engine cache absorbs.
 
-Sampling: TensorRT-LLM has no repetition-aware sampling, and its Qwen lm_head drops the export's
-bias. A per-request logits processor (`speech_sampler.SpeechTokenSampler`) adds the bias, blocks
-EOS before min_len and draws each token with the yaml's own sampler (RAS), then forces it; the
-engine decodes greedily (top_k=1) and so emits exactly that token. The distribution is the
-reference's; what differs from the PyTorch backend: the draws come from a CPU generator seeded
+Sampling: TensorRT-LLM has no repetition-aware sampling, and its Qwen lm_head has no bias (it
+drops CosyVoice2's; CosyVoice3's export has none). A per-request logits processor
+(`speech_sampler.SpeechTokenSampler`) keeps only the speech head's ids (codes and every stop id:
+3 for CosyVoice2, 200 for CosyVoice3), adds the head's bias, blocks below min_len the rows the
+LLM blocks (the export's `min_len_masked_rows`, from `min_len_masked_token`: EOS in CosyVoice2,
+SOS in CosyVoice3 as in the reference) and draws each token with the yaml's own sampler (RAS),
+then forces it, EOS for any stop id; the engine decodes greedily (top_k=1) and so emits exactly
+that token, and ends on EOS (its end id; every stop id is also a stop token). The distribution is
+the reference's; what differs from the PyTorch backend: the draws come from a CPU generator seeded
 per request (from the caller's generator), so a given seed picks other tokens than SpeechLM does;
 the logits come from a bf16/fp16 engine; and a segment is cut at `max_output_len` tokens where
 SpeechLM allows 20 per text token. Each step costs one small device-to-host copy per request.
@@ -45,13 +50,13 @@ from typing import Callable, Iterator
 import torch
 
 from ..loading.config import YamlConfig
-from ..loading.model_dir import ModelDir
+from ..loading.model_dir import ModelDir, open_model_dir
 from ..loading import registry
 from ..models.llm import token_length_limits
 from .engine_cache import (BuildLimits, EngineKey, engine_dir, engine_is_complete, export_dir,
                            mark_complete)
 from .hf_export import ExportInfo, export_model_dir
-from .hf_model import read_lm_head_bias
+from .hf_model import export_lm_head_bias
 from .speech_sampler import SpeechTokenSampler
 from .vocab import MergedVocab
 
@@ -105,7 +110,7 @@ class TrtLlmFactory:
     kv_cache_fraction: float = 0.2       # most of the free GPU memory the KV cache may take
     engine_options: dict = field(default_factory=dict)   # more LLM(...) arguments, passed as given
 
-    def __call__(self, model: ModelDir, device: torch.device, dtype: torch.dtype) -> "TrtLlmBackend":
+    def __call__(self, model: ModelDir | str | Path, device: torch.device, dtype: torch.dtype) -> "TrtLlmBackend":
         """`dtype` (the flow's and HiFT's) does not apply: the engine's is `self.dtype`."""
         device = torch.device(device)
         if device.type != "cuda" or not torch.cuda.is_available():
@@ -115,19 +120,22 @@ class TrtLlmFactory:
             raise BackendUnavailable("the TensorRT-LLM backend uses the first visible GPU; choose it "
                                      "with CUDA_VISIBLE_DEVICES and pass --device cuda")
         trtllm = import_tensorrt_llm()
-        model_dir = model.path
-        cache_dir = Path(self.cache_dir) if self.cache_dir is not None else model_dir / "trtllm"
-        hf_dir = ensure_export(model_dir, cache_dir)
+        model = open_model_dir(model)
+        cache_dir = Path(self.cache_dir) if self.cache_dir is not None else model.path / "trtllm"
+        hf_dir = ensure_export(model, cache_dir)
         info = ExportInfo.read(hf_dir)
+        if info.generation != model.generation.name:
+            raise RuntimeError(f"{hf_dir} is an export of a {info.generation} LLM, but {model.path} "
+                               f"holds {model.generation.name}; remove {hf_dir} to export again")
         capability = torch.cuda.get_device_capability()
         key = EngineKey(gpu_name=torch.cuda.get_device_name(), compute_capability=f"{capability[0]}.{capability[1]}",
                         trtllm_version=trtllm.__version__, dtype=self.dtype or default_dtype(capability),
                         weights_sha256=info.weights_sha256, limits=self.limits)
         llm = self.open_engine(hf_dir, engine_dir(cache_dir, key), key)
         vocab = info.vocab
-        bias = read_lm_head_bias(hf_dir)[vocab.speech_offset:vocab.speech_offset + vocab.head_rows]
+        bias = export_lm_head_bias(hf_dir, info)[vocab.speech_offset:vocab.speech_offset + vocab.head_rows]
         sampling = yaml_sampling(model.config)
-        return TrtLlmBackend(llm, trtllm.SamplingParams, vocab, bias, sampling, self.limits.max_output_len)
+        return TrtLlmBackend(llm, trtllm.SamplingParams, info, bias, sampling, self.limits.max_output_len)
 
     def open_engine(self, hf_dir: Path, folder: Path, key: EngineKey):
         """The LLM on the cached engine, building and caching it first when missing."""
@@ -162,13 +170,13 @@ class TrtLlmFactory:
         return llm
 
 
-def ensure_export(model_dir: Path, cache_dir: Path) -> Path:
+def ensure_export(model: ModelDir, cache_dir: Path) -> Path:
     """The HF export of the model directory's LLM, made once per version of llm.pt."""
-    folder = export_dir(cache_dir, model_dir)
+    folder = export_dir(cache_dir, model.path)
     if not folder.is_dir():
-        log.info("exporting the LLM of %s to %s (once)", model_dir, folder)
+        log.info("exporting the %s LLM of %s to %s (once)", model.generation.name, model.path, folder)
         folder.parent.mkdir(parents=True, exist_ok=True)
-        export_model_dir(model_dir, folder)
+        export_model_dir(model, folder)
     return folder
 
 
@@ -178,12 +186,13 @@ _DONE = object()
 class TrtLlmBackend:
     """Streams speech tokens from a TensorRT-LLM `LLM`; safe to call from several threads."""
 
-    def __init__(self, llm, sampling_params: type, vocab: MergedVocab, head_bias: torch.Tensor,
+    def __init__(self, llm, sampling_params: type, info: ExportInfo, head_bias: torch.Tensor,
                  sampling: Callable[..., int], max_output_len: int):
         self.llm = llm
         self.sampling_params = sampling_params       # tensorrt_llm.SamplingParams
-        self.vocab = vocab
-        self.head_bias = head_bias                   # [S + 3] float32
+        self.info = info
+        self.vocab: MergedVocab = info.vocab
+        self.head_bias = head_bias                   # [S + E] float32 (zeros for CosyVoice3)
         self.sampling = sampling
         self.max_output_len = max_output_len
         self._loop = asyncio.new_event_loop()
@@ -195,24 +204,24 @@ class TrtLlmBackend:
         """See cosyvoice.backends.LLMBackend. The draw for each request is seeded from
         `generator` when the request is submitted (the iterator's first step). `sampling` runs in
         TensorRT-LLM's worker process, so it must be picklable (see the module docstring)."""
+        vocab = self.vocab
         min_len, max_len = token_length_limits(text_ids.shape[1])
         max_len = min(max_len, self.max_output_len)
         if max_len == 0:
             return
-        sampler = SpeechTokenSampler(self.vocab.speech_offset, self.head_bias, self.vocab.speech_size,
-                                     min_len, sampling or self.sampling,
+        sampler = SpeechTokenSampler(vocab.speech_offset, self.head_bias, vocab.speech_size, vocab.eos_row,
+                                     self.info.min_len_masked_rows, min_len, sampling or self.sampling,
                                      request_seed(generator))
         params = self.sampling_params(
-            max_tokens=max_len, end_id=self.vocab.eos_id, pad_id=self.vocab.eos_id,
-            stop_token_ids=list(self.vocab.stop_ids), top_k=1, detokenize=False,
+            max_tokens=max_len, end_id=vocab.eos_id, pad_id=vocab.eos_id,
+            stop_token_ids=list(vocab.stop_ids), top_k=1, detokenize=False,
             logits_processor=sampler)   # one callable: a list is for the PyTorch backend only
-        prompt = self.vocab.prompt_ids(text_ids, prompt_text_ids, prompt_speech_tokens)
+        prompt = vocab.prompt_ids(text_ids, prompt_text_ids, prompt_speech_tokens)
         with contextlib.closing(self._stream(prompt, params)) as merged_ids:
             for merged_id in merged_ids:
-                token = self.vocab.head_row(merged_id)
-                if token >= self.vocab.speech_size:
+                if vocab.is_stop_id(merged_id):
                     return
-                yield token
+                yield vocab.head_row(merged_id)   # raises for an id off the speech head
 
     def _stream(self, prompt: list[int], params) -> Iterator[int]:
         """Generated ids of one request as they arrive; closing the iterator aborts the request."""
