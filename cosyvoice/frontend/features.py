@@ -1,16 +1,16 @@
 """The three spectral features computed from a prompt waveform.
 
     whisper_log_mel  16 kHz audio -> [1, n_mels, F] log-mel that the speech tokenizer reads
-    kaldi_fbank      16 kHz audio -> [T, n_bins] Kaldi filterbank, mean-normalised for campplus
+    kaldi_fbank      16 kHz audio -> [T, n_bins] Kaldi filterbank (campplus reads it mean-normalised)
     prompt_mel       audio at the yaml rate -> [1, T, num_mels] mel the flow uses as its prompt
 
 All take a float32 numpy waveform [N] in [-1, 1] and return float32 numpy arrays.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
-import kaldi_native_fbank as knf
 import numpy as np
 import torch
 
@@ -25,6 +25,13 @@ WHISPER_DYNAMIC_RANGE = 8.0  # log10 units kept below the loudest bin
 # The Kaldi filterbank campplus was trained on: defaults of Kaldi's compute-fbank, no dither.
 FBANK_SAMPLE_RATE = 16000
 FBANK_NUM_BINS = 80
+FBANK_FRAME_LENGTH = 400      # 25 ms
+FBANK_FRAME_SHIFT = 160       # 10 ms
+FBANK_FFT_SIZE = 512          # the frame length rounded up to a power of two
+FBANK_PREEMPHASIS = 0.97
+FBANK_POVEY_POWER = 0.85      # the Povey window is the (symmetric) Hann window to this power
+FBANK_LOW_FREQ = 20.0         # Hz; the high edge is Nyquist
+FBANK_LOG_FLOOR = float(torch.finfo(torch.float32).eps)
 
 # The flow's prompt mel: magnitude epsilon inside the sqrt and floor before the natural log.
 MEL_MAGNITUDE_EPS = 1e-9
@@ -82,20 +89,74 @@ def whisper_log_mel(samples_16k: np.ndarray, n_mels: int = WHISPER_N_MELS) -> np
     return ((log_mel + 4.0) / 4.0).unsqueeze(0).numpy()
 
 
-def kaldi_fbank(samples_16k: np.ndarray, num_bins: int = FBANK_NUM_BINS) -> np.ndarray:
-    """Kaldi log-mel filterbank of 16 kHz audio in [-1, 1] (not int16 scale): [T, num_bins].
+def kaldi_mel(hz):
+    """Kaldi's mel scale, 1127 ln(1 + f / 700), of a torch tensor, numpy array or float, in its precision."""
+    log = torch.log if isinstance(hz, torch.Tensor) else np.log
+    return 1127.0 * log(1.0 + hz / 700.0)
 
-    25 ms frames every 10 ms with snip_edges, so T = 1 + (N - 400) // 160; no dither, no energy.
+
+@functools.lru_cache(maxsize=8)
+def kaldi_mel_banks(num_bins: int = FBANK_NUM_BINS, sample_rate: int = FBANK_SAMPLE_RATE,
+                    fft_size: int = FBANK_FFT_SIZE, low_freq: float = FBANK_LOW_FREQ) -> torch.Tensor:
+    """Kaldi's triangular mel filters, float32 [num_bins, fft_size // 2 + 1].
+
+    Bin j rises linearly in mel from mel(low) + j * delta to its centre one delta higher and falls
+    to zero at two deltas, delta = (mel(Nyquist) - mel(low)) / (num_bins + 1). The weights are
+    evaluated in float32 like the reference (the Nyquist column is zero, as in Kaldi): near the
+    bin edges the float32 cancellation in (mel - left) / (centre - left) moves a weight by up to
+    ~1e-5, which is enough to move the log of a narrow low-frequency bin by 1e-4, so a float64
+    filterbank would agree less with the reference, not more.
     """
-    options = knf.FbankOptions()
-    options.frame_opts.samp_freq = FBANK_SAMPLE_RATE
-    options.frame_opts.dither = 0.0
-    options.mel_opts.num_bins = num_bins
-    fbank = knf.OnlineFbank(options)
-    fbank.accept_waveform(FBANK_SAMPLE_RATE, np.ascontiguousarray(samples_16k, dtype=np.float32))
-    fbank.input_finished()
-    frames = [fbank.get_frame(i) for i in range(fbank.num_frames_ready)]
-    return np.asarray(frames, dtype=np.float32).reshape(-1, num_bins)
+    # Python floats (float64), rounded to float32 where they meet the float32 tensors below.
+    mel_low = float(kaldi_mel(float(low_freq)))
+    mel_delta = (float(kaldi_mel(sample_rate / 2.0)) - mel_low) / (num_bins + 1)
+    index = torch.arange(num_bins, dtype=torch.float32).unsqueeze(1)                  # [M, 1]
+    left = mel_low + index * mel_delta
+    centre = mel_low + (index + 1.0) * mel_delta
+    right = mel_low + (index + 2.0) * mel_delta
+    fft_bin_hz = sample_rate / fft_size
+    mel = kaldi_mel(fft_bin_hz * torch.arange(fft_size // 2, dtype=torch.float32)).unsqueeze(0)
+    rising = (mel - left) / (centre - left)
+    falling = (right - mel) / (right - centre)
+    banks = torch.clamp(torch.minimum(rising, falling), min=0.0)                       # [M, K - 1]
+    return torch.nn.functional.pad(banks, (0, 1))                                      # [M, K]
+
+
+@functools.lru_cache(maxsize=2)
+def povey_window(length: int = FBANK_FRAME_LENGTH) -> torch.Tensor:
+    """Kaldi's Povey window: the symmetric Hann window to the power 0.85, float32 [length]."""
+    return torch.hann_window(length, periodic=False, dtype=torch.float32).pow(FBANK_POVEY_POWER)
+
+
+def kaldi_fbank(samples_16k: np.ndarray, num_bins: int = FBANK_NUM_BINS) -> np.ndarray:
+    """Kaldi log-mel filterbank of 16 kHz audio in [-1, 1] (not int16 scale): float32 [T, num_bins].
+
+    Kaldi's compute-fbank defaults with dither 0: 25 ms frames every 10 ms with snip_edges, so
+    T = 1 + (N - 400) // 160 (0 frames below 400 samples); per frame remove the DC offset,
+    pre-emphasis 0.97 (the first sample against itself), Povey window, zero-pad to 512, power
+    spectrum, mel filterbank from 20 Hz to Nyquist, natural log floored at float32 eps; no energy.
+
+    Every step runs in float32 in the order above, the order of the float32 reference. This
+    matters in near-silent bins: a band whose power is far below the frame's total is dominated
+    by the frame's float32 rounding noise (about eps * frame norm per FFT bin), and the log turns
+    that relative error into an absolute one, so float64 here would move us away from the
+    reference (by 2.9e-4 on the fixture prompt), not towards it. Repeating its float32 steps
+    reproduces its rounding (97% of the fixture's values bit for bit, the rest within 30 ulp);
+    what remains is the FFT kernel's own rounding. tests/test_frontend_audio_parity.py derives
+    the bound on the distance to the exact fbank that covers any input.
+    """
+    audio = torch.from_numpy(np.ascontiguousarray(samples_16k, dtype=np.float32)).reshape(-1)
+    if audio.numel() < FBANK_FRAME_LENGTH:
+        return np.zeros((0, num_bins), dtype=np.float32)
+    frames = audio.unfold(0, FBANK_FRAME_LENGTH, FBANK_FRAME_SHIFT)                   # [T, 400]
+    frames = frames - frames.mean(dim=1, keepdim=True)
+    previous = torch.cat([frames[:, :1], frames[:, :-1]], dim=1)
+    frames = frames - FBANK_PREEMPHASIS * previous
+    frames = frames * povey_window(FBANK_FRAME_LENGTH)
+    spectrum = torch.fft.rfft(frames, n=FBANK_FFT_SIZE)                               # [T, 257]
+    power = spectrum.abs().pow(2.0)
+    mel_energy = torch.mm(power, kaldi_mel_banks(num_bins, FBANK_SAMPLE_RATE, FBANK_FFT_SIZE).T)
+    return mel_energy.clamp(min=FBANK_LOG_FLOOR).log().numpy()
 
 
 def mean_normalize(feats: np.ndarray) -> np.ndarray:
@@ -112,7 +173,7 @@ class MelParams:
     hop_size: int
     win_size: int
     fmin: float = 0.0
-    fmax: float | None = None
+    fmax: float | None = None  # None (CosyVoice3's yaml: `fmax: null`) means Nyquist, sampling_rate / 2
     center: bool = False
 
 

@@ -1,6 +1,7 @@
 """Turns a prompt waveform into the three prompt features, with the model directory's two ONNX models.
 
-    SpeechTokenizer  speech_tokenizer_v2.onnx: whisper log-mel [1, n_mels, F] -> tokens [1, ~F/4]
+    SpeechTokenizer  speech_tokenizer_v2.onnx (CosyVoice2) or speech_tokenizer_v3.onnx (CosyVoice3),
+                     same contract: whisper log-mel [1, n_mels, F] -> tokens [1, ~F/4]
     SpeakerEncoder   campplus.onnx: mean-normalised fbank [1, T, n_bins] -> embedding [1, D]
     PromptFeatureExtractor  waveform -> PromptFeatures(speech_tokens, embedding, speech_feat)
 
@@ -21,7 +22,7 @@ from .audio import AudioError, resample
 from .features import (FBANK_NUM_BINS, FBANK_SAMPLE_RATE, WHISPER_N_MELS, WHISPER_SAMPLE_RATE,
                        MelParams, kaldi_fbank, mean_normalize, prompt_mel, whisper_log_mel)
 
-TOKENIZER_FILE = "speech_tokenizer_v2.onnx"
+TOKENIZER_FILE = "speech_tokenizer_v2.onnx"   # the default (CosyVoice3: speech_tokenizer_v3.onnx)
 SPEAKER_ENCODER_FILE = "campplus.onnx"
 MAX_PROMPT_SECONDS = 30.0   # the speech tokenizer's limit
 MIN_PROMPT_SECONDS = 0.5    # shorter prompts give too few tokens to condition on
@@ -88,14 +89,20 @@ class PromptFeatures:
 class PromptFeatureExtractor:
     """Speech tokens, speaker embedding and prompt mel of a prompt waveform.
 
-    `mel_params` is the yaml's `feat_extractor` kwargs; `token_mel_ratio` its mel frames per token.
+    `mel_params` is the yaml's `feat_extractor` kwargs (`fmax` None means Nyquist, as CosyVoice3's
+    yaml has it); `token_mel_ratio` its mel frames per token.
     """
 
     def __init__(self, model_dir: str | Path, mel_params: dict, token_mel_ratio: int = 2,
                  device: str = "cpu", speech_tokenizer: str | Path | None = None):
-        """`speech_tokenizer`: the ONNX speech tokenizer (default: model_dir/speech_tokenizer_v2.onnx)."""
+        """`speech_tokenizer`: the ONNX speech tokenizer, a bare file name (looked up in model_dir;
+        speech_tokenizer_v3.onnx for CosyVoice3) or a path (used as it is); default
+        model_dir/speech_tokenizer_v2.onnx."""
         model_dir = Path(model_dir)
-        self.tokenizer = SpeechTokenizer(speech_tokenizer or model_dir / TOKENIZER_FILE, device)
+        tokenizer = Path(speech_tokenizer or TOKENIZER_FILE)
+        if tokenizer.parent == Path("."):
+            tokenizer = model_dir / tokenizer
+        self.tokenizer = SpeechTokenizer(tokenizer, device)
         self.speaker_encoder = SpeakerEncoder(model_dir / SPEAKER_ENCODER_FILE, device)
         self.mel_params = MelParams(**mel_params)
         self.token_mel_ratio = token_mel_ratio
