@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelDirError
+from ..models.causal_hift import CausalHiFTGenerator
 from . import registry
 from .config import ConfigError, YamlConfig
 from .generations import GENERATIONS, UNSUPPORTED, Generation, of_config
@@ -176,7 +177,20 @@ def build_stage(config: YamlConfig, stage: str, qwen_config: dict | None = None,
         raise ModelDirError(str(exc)) from exc
     except OSError as exc:     # the Qwen config folder is missing or unreadable
         raise ModelDirError(f"{config.source}: {stage}: {exc}") from exc
+    if isinstance(module, CausalHiFTGenerator):
+        _install_noise_buffers(module, config)
     return module
+
+
+def _install_noise_buffers(hift: "CausalHiFTGenerator", config: YamlConfig) -> None:
+    """CosyVoice3's vocoder adds noise from buffers the reference draws at construction, right
+    after modules of the flow whose sizes decide where in the random stream they start."""
+    flow = config.resolve("flow").kwargs
+    try:
+        hift.replay_source_buffers(flow_vocab_size=int(flow["vocab_size"]), flow_input_size=int(flow["input_size"]),
+                                   spk_embed_dim=int(flow["spk_embed_dim"]), flow_output_size=int(flow["output_size"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelDirError(f"{config.source}: flow: cannot size the vocoder's noise buffers ({exc})") from exc
 
 
 def _read_checkpoint(path: Path) -> dict:

@@ -28,16 +28,25 @@ def _dict_config(content: dict) -> dict:
     return dict(content)
 
 
+def _pre_lookahead_layer(in_channels: int, channels: int, pre_lookahead_len: int) -> Any:
+    """CosyVoice3's PreLookaheadLayer: in_channels -> channels (conv1) -> in_channels (conv2)."""
+    from ..models.flow import PreLookaheadLayer
+    return PreLookaheadLayer(in_channels, pre_lookahead_len, hidden_channels=channels)
+
+
 @functools.lru_cache(maxsize=1)
 def targets() -> dict[str, Target]:
-    from ..models.flow import (CausalConditionalCFM, CausalConditionalDecoder, CausalMaskedDiffWithXvec,
-                       UpsampleConformerEncoder)
+    from ..models.flow import (CausalConditionalCFM, CausalConditionalDecoder, CausalMaskedDiffWithDiT,
+                               CausalMaskedDiffWithXvec, DiT, UpsampleConformerEncoder)
+    from ..models.causal_hift import CausalConvRNNF0Predictor, CausalHiFTGenerator
     from ..models.hift import ConvRNNF0Predictor, HiFTGenerator
-    from ..models.llm import QwenBody, SpeechLM
+    from ..models.llm import CosyVoice3LM, QwenBody, SpeechLM
     from ..models.sampling import ras_sampling
 
     dropout = frozenset({"dropout_rate", "positional_dropout_rate", "attention_dropout_rate"})
     return {
+        "cosyvoice.llm.llm.CosyVoice3LM": Target(
+            CosyVoice3LM, frozenset({"length_normalized_loss", "lsm_weight", "mix_ratio"})),
         "cosyvoice.llm.llm.Qwen2LM": Target(
             SpeechLM, frozenset({"length_normalized_loss", "lsm_weight", "mix_ratio"})),
         "cosyvoice.llm.llm.Qwen2Encoder": Target(QwenBody),
@@ -50,9 +59,15 @@ def targets() -> dict[str, Target]:
             CausalConditionalCFM, frozenset({"n_spks"})),
         "cosyvoice.flow.decoder.CausalConditionalDecoder": Target(
             CausalConditionalDecoder, frozenset({"dropout"})),
+        "cosyvoice.flow.flow.CausalMaskedDiffWithDiT": Target(
+            CausalMaskedDiffWithDiT, frozenset({"output_type", "only_mask_loss"})),
+        "cosyvoice.transformer.upsample_encoder.PreLookaheadLayer": Target(_pre_lookahead_layer),
+        "cosyvoice.flow.DiT.dit.DiT": Target(DiT, frozenset({"dropout"})),
         "omegaconf.DictConfig": Target(_dict_config),
         "cosyvoice.hifigan.generator.HiFTGenerator": Target(HiFTGenerator),
         "cosyvoice.hifigan.f0_predictor.ConvRNNF0Predictor": Target(ConvRNNF0Predictor),
+        "cosyvoice.hifigan.generator.CausalHiFTGenerator": Target(CausalHiFTGenerator),
+        "cosyvoice.hifigan.f0_predictor.CausalConvRNNF0Predictor": Target(CausalConvRNNF0Predictor),
     }
 
 
