@@ -1,8 +1,8 @@
 """Command line.
 
     python -m cosyvoice synth --model-dir DIR --mode cross_lingual --text "..." --prompt-wav p.wav --out o.wav
-    python -m cosyvoice make-model --size tiny --out DIR
-    python -m cosyvoice demo        # makes a tiny random model once, then speaks with it
+    python -m cosyvoice make-model --size tiny --out DIR   # random weights; --generation 3 (default) or 2
+    python -m cosyvoice demo        # makes a tiny random CosyVoice3 model once, then speaks with it
     python -m cosyvoice export-hf --model-dir DIR --out HF_DIR   # the LLM as a HF checkpoint
 
 Errors in the input (missing file, bad audio, unknown speaker, ...) end with one line on stderr
@@ -22,7 +22,9 @@ import torch
 from .backends.hf_export import add_export_command
 from .errors import InputError
 from .errors import ModelDirError
-from .tools.make_model import DEMO_SPEAKER, add_make_model_command, make_model
+from .loading.generations import GENERATIONS
+from .tools.make_model import (DEFAULT_GENERATION, DEMO_SPEAKER, GENERATION_CHOICES, OFFICIAL_MODELS,
+                               add_make_model_command, make_model, parse_generation)
 
 MODES = ("zero_shot", "cross_lingual", "instruct2", "sft")
 
@@ -67,11 +69,20 @@ def synth(args: argparse.Namespace) -> int:
 
 
 def demo(args: argparse.Namespace) -> int:
-    """The no-download path: a tiny random-weight model (made once) speaking in its `demo` voice."""
-    if not (args.model_dir / "cosyvoice2.yaml").is_file():
-        make_model(args.model_dir, size="tiny", seed=0)
-        print(f"made a tiny random-weight model in {args.model_dir} (it speaks noise: real speech "
-              "needs the official CosyVoice2-0.5B directory)")
+    """The no-download path: a tiny random-weight model (made once) speaking in its `demo` voice.
+
+    A --model-dir that already holds a model is used as it is; --generation (default CosyVoice3)
+    chooses what to make, and must match the model found when given.
+    """
+    found = next((g for g in GENERATIONS if (args.model_dir / g.yaml_name).is_file()), None)
+    if found is None:
+        generation = args.generation or DEFAULT_GENERATION
+        make_model(args.model_dir, size="tiny", seed=0, generation=generation)
+        print(f"made a tiny random-weight model ({generation.name}) in {args.model_dir} (it speaks "
+              f"noise: real speech needs the official {OFFICIAL_MODELS[generation.name]} directory)")
+    elif args.generation is not None and found is not args.generation:
+        raise InputError(f"{args.model_dir} holds a {found.name} model, not {args.generation.name}: "
+                         "choose another --model-dir")
     return synth(argparse.Namespace(
         model_dir=args.model_dir, mode="sft", speaker=DEMO_SPEAKER, text=args.text, out=args.out,
         stream=True, speed=1.0, seed=0, device=args.device, prompt_wav=None, prompt_text="", instruct=""))
@@ -99,9 +110,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_make_model_command(commands)
     add_export_command(commands)
 
-    demo_cmd = commands.add_parser("demo", help="make a tiny random model (once) and synthesise with it")
+    demo_cmd = commands.add_parser(
+        "demo", help="make a tiny random-weight model (once; CosyVoice3 unless told) and synthesise with it")
     demo_cmd.add_argument("--model-dir", type=Path, default=Path("models/demo-tiny"))
-    demo_cmd.add_argument("--text", default="Hello from CosyVoice two, running on our own runtime.")
+    demo_cmd.add_argument("--generation", type=parse_generation, metavar=GENERATION_CHOICES,
+                          help=f"the model to make when --model-dir holds none (default: "
+                               f"{DEFAULT_GENERATION.name})")
+    demo_cmd.add_argument("--text", default="Hello from CosyVoice, running on our own runtime.")
     demo_cmd.add_argument("--out", type=Path, default=Path("demo.wav"))
     demo_cmd.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     demo_cmd.set_defaults(run=demo)

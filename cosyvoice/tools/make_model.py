@@ -1,18 +1,21 @@
-"""`python -m cosyvoice make-model`: writes a random-weight CosyVoice2 model directory.
+"""`python -m cosyvoice make-model`: writes a random-weight CosyVoice3 or CosyVoice2 model directory.
 
-The directory has the layout of the official CosyVoice2-0.5B download, so everything that loads
-a model (tests, CI, the installer's demo, benchmarks) can run without one:
+The directory has the layout of the official Fun-CosyVoice3-0.5B or CosyVoice2-0.5B download, so
+everything that loads a model (tests, CI, the installer's demo, benchmarks) can run without one:
 
-    cosyvoice2.yaml           our own template (cosyvoice.tools.yaml_template) at the chosen size
-    llm.pt flow.pt hift.pt    state dicts of the stages our loader builds from that yaml
-    campplus.onnx             toy speaker encoder: fbank [B, T, 80] -> embedding [B, 192]
-    speech_tokenizer_v2.onnx  toy speech tokenizer: log-mel [B, 128, T] -> codes [B, ceil(T/4)]
-    CosyVoice-BlankEN/        Qwen2 config and a small byte-level BPE tokenizer trained here
-    spk2info.pt               one built-in speaker, `demo`, for the sft mode
-    configuration.json        ModelScope metadata
+    cosyvoice3.yaml | cosyvoice2.yaml     our own template (cosyvoice.tools.yaml_template) at the chosen size
+    llm.pt flow.pt hift.pt                state dicts of the stages our loader builds from that yaml
+    campplus.onnx                         toy speaker encoder: fbank [B, T, 80] -> embedding [B, 192]
+    speech_tokenizer_v3.onnx | _v2.onnx   toy speech tokenizer: log-mel [B, 128, T] -> codes [B, ceil(T/4)]
+    CosyVoice-BlankEN/                    Qwen2 config and a small byte-level BPE tokenizer trained here
+    spk2info.pt                           one built-in speaker, `demo`, for the sft mode
+    configuration.json (config.json)      ModelScope metadata (config.json, `{}`, only in CosyVoice3's)
 
-`tiny` loads and speaks noise on a CPU in seconds; `full` has the real CosyVoice2-0.5B sizes
-(about 2.6 GB) for benchmarks. The same seed always writes byte-identical files.
+`tiny` loads and speaks noise on a CPU in seconds; `full` has the sizes of the official model
+(every checkpoint key and shape equal; CosyVoice3 about 3.4 GB, CosyVoice2 about 2.6 GB) for
+benchmarks. The tokenizer is small at both sizes: the runtime looks special tokens such as
+`<|endofprompt|>` up by name, so their ids need not be the official ones. The same seed always
+writes byte-identical files.
 """
 from __future__ import annotations
 
@@ -28,8 +31,8 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
 
-from ..frontend.tokenizer import SPECIAL_TOKENS
-from ..loading.model_dir import CHECKPOINTS, QWEN2_0_5B, QWEN_DIR, YAML_NAME, build_stage, read_config
+from ..loading.generations import COSYVOICE2, COSYVOICE3, GENERATIONS, Generation, by_name
+from ..loading.model_dir import CHECKPOINTS, QWEN2_0_5B, QWEN_DIR, build_stage, read_config
 from .yaml_template import render
 
 # --- sizes -----------------------------------------------------------------------------------
@@ -45,16 +48,44 @@ class Preset:
 # vocab_size None: just large enough for the tokenizer written next to it.
 TINY_QWEN = {**QWEN2_0_5B, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
              "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": None}
-SIZES = {
-    "tiny": Preset(TINY_QWEN, dict(
-        flow_size=64, encoder_heads=4, encoder_linear_units=128, encoder_blocks=1,
-        estimator_channels=64, estimator_head_dim=16, estimator_blocks=1, estimator_mid_blocks=2,
-        estimator_heads=4, hift_channels=64)),
-    "full": Preset(QWEN2_0_5B, dict(
-        flow_size=512, encoder_heads=8, encoder_linear_units=2048, encoder_blocks=6,
-        estimator_channels=256, estimator_head_dim=64, estimator_blocks=4, estimator_mid_blocks=12,
-        estimator_heads=8, hift_channels=512)),
+SIZES = ("tiny", "full")
+DEFAULT_GENERATION = COSYVOICE3   # the model people deploy now
+# The official model each generation's `full` size reproduces (and real speech needs).
+OFFICIAL_MODELS = {COSYVOICE2.name: "CosyVoice2-0.5B", COSYVOICE3.name: "Fun-CosyVoice3-0.5B"}
+# generation name -> size -> preset. `full` is the official model (CosyVoice2-0.5B,
+# Fun-CosyVoice3-0.5B: both on Qwen2-0.5B); `tiny` keeps every structure at small widths.
+PRESETS = {
+    COSYVOICE2.name: {
+        "tiny": Preset(TINY_QWEN, dict(
+            flow_size=64, encoder_heads=4, encoder_linear_units=128, encoder_blocks=1,
+            estimator_channels=64, estimator_head_dim=16, estimator_blocks=1, estimator_mid_blocks=2,
+            estimator_heads=4, hift_channels=64)),
+        "full": Preset(QWEN2_0_5B, dict(
+            flow_size=512, encoder_heads=8, encoder_linear_units=2048, encoder_blocks=6,
+            estimator_channels=256, estimator_head_dim=64, estimator_blocks=4, estimator_mid_blocks=12,
+            estimator_heads=8, hift_channels=512)),
+    },
+    COSYVOICE3.name: {
+        # The DiT width must stay a multiple of 16 (its position conv has 16 groups).
+        "tiny": Preset(TINY_QWEN, dict(
+            lookahead_channels=64, dit_dim=64, dit_depth=2, dit_heads=4, dit_dim_head=16, hift_channels=64)),
+        "full": Preset(QWEN2_0_5B, dict(
+            lookahead_channels=1024, dit_dim=1024, dit_depth=22, dit_heads=16, dit_dim_head=64,
+            hift_channels=512)),
+    },
 }
+
+
+def preset(generation: Generation, size: str) -> Preset:
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}; expected one of {', '.join(SIZES)}")
+    return PRESETS[generation.name][size]
+
+
+def as_generation(generation: str | int | Generation) -> Generation:
+    """A Generation, or its name as by_name takes it ("CosyVoice3", "cosyvoice3", "3" or 3)."""
+    return generation if isinstance(generation, Generation) else by_name(str(generation))
+
 
 # --- the Qwen tokenizer folder -----------------------------------------------------------------
 
@@ -144,18 +175,18 @@ def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def write_qwen_folder(folder: Path, architecture: dict) -> None:
+def write_qwen_folder(folder: Path, architecture: dict, special_tokens: list[str]) -> None:
     """vocab.json, merges.txt, tokenizer_config.json, config.json and generation_config.json.
 
     An architecture whose vocab_size is None gets the smallest round size that holds the
-    tokenizer plus the special tokens CosyVoice2 adds at load time.
+    tokenizer plus the `special_tokens` the generation adds at load time.
     """
     folder.mkdir(parents=True, exist_ok=True)
     bpe = train_bpe()
     bpe.model.save(str(folder))                                  # vocab.json, merges.txt
     end_of_text_id = bpe.get_vocab_size()
     write_json(folder / "tokenizer_config.json", tokenizer_config(end_of_text_id))
-    new_specials = [t for t in SPECIAL_TOKENS if t not in QWEN_ADDED_TOKENS]
+    new_specials = [t for t in special_tokens if t not in QWEN_ADDED_TOKENS]
     needed = end_of_text_id + len(QWEN_ADDED_TOKENS) + len(new_specials)
     if architecture["vocab_size"] is None:
         architecture = {**architecture, "vocab_size": round_up(needed, VOCAB_MULTIPLE)}
@@ -167,18 +198,20 @@ def write_qwen_folder(folder: Path, architecture: dict) -> None:
 # --- yaml and the three checkpoints ------------------------------------------------------------
 
 
-def write_yaml(path: Path, preset: Preset) -> None:
-    path.write_text(render({"llm_size": preset.qwen["hidden_size"], **preset.yaml}), encoding="utf-8")
+def write_yaml(path: Path, generation: Generation, sizes: Preset) -> None:
+    text = render({"llm_size": sizes.qwen["hidden_size"], **sizes.yaml}, generation.name)
+    path.write_text(text, encoding="utf-8")
 
 
-def write_checkpoints(model_dir: Path, seed: int) -> None:
+def write_checkpoints(model_dir: Path, generation: Generation, seed: int) -> None:
     """Builds each stage from the directory's yaml with seeded random weights and saves its state.
 
     HiFT's weight-normed convolutions stay unfolded, so its file has the official
     `parametrizations.weight.original0/1` keys; the LLM's Qwen lm_head stays tied to the text
-    embedding and is saved under both names, as in the official llm.pt.
+    embedding and is saved under both names, as in the official llm.pt. CosyVoice3's vocoder
+    noise buffers are not part of its state (the loader derives them from the yaml's sizes).
     """
-    config = read_config(model_dir / YAML_NAME, qwen_path=model_dir / QWEN_DIR)
+    config = read_config(model_dir / generation.yaml_name, qwen_path=model_dir / QWEN_DIR)
     for offset, (stage, filename) in enumerate(CHECKPOINTS.items()):
         with torch.random.fork_rng(devices=[]):   # leave the caller's global RNG untouched
             torch.manual_seed(seed * len(CHECKPOINTS) + offset)
@@ -229,10 +262,10 @@ def write_campplus(path: Path, rng: np.random.Generator) -> None:
     save_onnx(path, graph)
 
 
-def write_speech_tokenizer(path: Path, rng: np.random.Generator) -> None:
+def write_speech_tokenizer(path: Path, rng: np.random.Generator, name: str) -> None:
     """Speech tokenizer: average 4 frames (the last group may be shorter), normalise each averaged
     frame over its mel bins, project it to 8 values, round each to a base-3 digit and read the
-    digits as one code in [0, 6561).
+    digits as one code in [0, 6561). v2 and v3 files differ only in `name` and their random draws.
 
     feats [B, 128, T] and feats_length [B] (accepted, not needed) -> indices int64 [B, ceil(T/4)].
     """
@@ -254,12 +287,13 @@ def write_speech_tokenizer(path: Path, rng: np.random.Generator) -> None:
         helper.make_node("Cast", ["codes"], ["indices"], to=TensorProto.INT64),
     ]
     graph = helper.make_graph(
-        nodes, "toy_speech_tokenizer_v2",
+        nodes, f"toy_{name}",
         [helper.make_tensor_value_info("feats", TensorProto.FLOAT, ["B", WHISPER_MELS, "T"]),
          helper.make_tensor_value_info("feats_length", TensorProto.INT32, ["B"])],
         [helper.make_tensor_value_info("indices", TensorProto.INT64, ["B", "N"])],
         initializer=[float_tensor("ones", np.ones(WHISPER_MELS)),
-                     float_tensor("zeros", np.zeros(WHISPER_MELS)), float_tensor("projection", projection), float_tensor("digit_values", digit_values),
+                     float_tensor("zeros", np.zeros(WHISPER_MELS)), float_tensor("projection", projection),
+                     float_tensor("digit_values", digit_values),
                      float_tensor("low", -1.0), float_tensor("high", 1.0), float_tensor("one", 1.0)])
     save_onnx(path, graph)
 
@@ -273,24 +307,28 @@ def write_speakers(path: Path, rng: np.random.Generator) -> None:
     torch.save({DEMO_SPEAKER: {"embedding": embedding}}, path)
 
 
-def make_model(out_dir: str | Path, size: str = "tiny", seed: int = 0) -> Path:
-    """Writes a random-weight CosyVoice2 model directory of `size` ('tiny' or 'full') to `out_dir`,
-    which must be new or empty; returns its path."""
-    if size not in SIZES:
-        raise ValueError(f"unknown size {size!r}; expected one of {', '.join(SIZES)}")
+def make_model(out_dir: str | Path, size: str = "tiny", seed: int = 0,
+               generation: str | int | Generation = DEFAULT_GENERATION) -> Path:
+    """Writes a random-weight model directory of `generation` (CosyVoice3 unless told; a name
+    by_name takes, such as "CosyVoice2" or "2") and `size` ('tiny' or 'full') to `out_dir`, which
+    must be new or empty; returns its path."""
+    generation = as_generation(generation)
+    sizes = preset(generation, size)
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} is not empty; make-model writes only into a new or empty directory")
     out_dir.mkdir(parents=True, exist_ok=True)
-    preset = SIZES[size]
-    write_qwen_folder(out_dir / QWEN_DIR, preset.qwen)
-    write_yaml(out_dir / YAML_NAME, preset)
-    write_checkpoints(out_dir, seed)
+    write_qwen_folder(out_dir / QWEN_DIR, sizes.qwen, generation.special_tokens)
+    write_yaml(out_dir / generation.yaml_name, generation, sizes)
+    write_checkpoints(out_dir, generation, seed)
     rng = np.random.default_rng(seed)
     write_campplus(out_dir / "campplus.onnx", rng)
-    write_speech_tokenizer(out_dir / "speech_tokenizer_v2.onnx", rng)
+    write_speech_tokenizer(out_dir / generation.speech_tokenizer, rng,
+                           name=generation.speech_tokenizer.removesuffix(".onnx"))
     write_speakers(out_dir / "spk2info.pt", rng)
     write_json(out_dir / "configuration.json", {"framework": "pytorch", "task": "text-to-speech"})
+    if generation is COSYVOICE3:
+        write_json(out_dir / "config.json", {})   # as in the official download; nothing reads it
     return out_dir
 
 
@@ -298,21 +336,41 @@ def directory_size(path: Path) -> int:
     return sum(item.stat().st_size for item in path.rglob("*") if item.is_file())
 
 
+def parse_generation(value: str) -> Generation:
+    """argparse type of --generation: 2, 3, CosyVoice2, CosyVoice3 (any case)."""
+    try:
+        return by_name(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+GENERATION_CHOICES = "|".join(g.name.removeprefix("CosyVoice") for g in GENERATIONS)
+
+
 def add_make_model_command(subparsers: argparse._SubParsersAction) -> None:
     """Adds `make-model` to the CLI's subcommands."""
     command = subparsers.add_parser(
-        "make-model", help="write a random-weight CosyVoice2 model directory (for tests and benchmarks)")
-    command.add_argument("--size", choices=sorted(SIZES), default="tiny")
+        "make-model", help="write a random-weight CosyVoice3 or CosyVoice2 model directory "
+                           "(for tests, the demo and benchmarks)",
+        description="Writes a model directory in the official layout with random weights: it loads "
+                    "and runs like the real model but speaks noise.")
+    command.add_argument("--generation", type=parse_generation, default=DEFAULT_GENERATION,
+                         metavar=GENERATION_CHOICES,
+                         help=f"model generation: {GENERATION_CHOICES} or "
+                              f"{'/'.join(g.name for g in GENERATIONS)} (default: {DEFAULT_GENERATION.name})")
+    command.add_argument("--size", choices=SIZES, default="tiny",
+                         help="tiny: small widths, loads and runs on a CPU in seconds; full: the official "
+                              "model's sizes (every checkpoint key and shape), for benchmarks (default: tiny)")
     command.add_argument("--out", type=Path, required=True, help="a new or empty directory")
-    command.add_argument("--seed", type=int, default=0)
+    command.add_argument("--seed", type=int, default=0, help="the same seed writes byte-identical files")
     command.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Runs `make-model` with parsed arguments; returns the exit status."""
     started = time.perf_counter()
-    out_dir = make_model(args.out, args.size, args.seed)
+    out_dir = make_model(args.out, args.size, args.seed, args.generation)
     megabytes = directory_size(out_dir) / 2 ** 20
-    print(f"wrote a {args.size} random-weight model ({megabytes:.1f} MB) to {out_dir} "
-          f"in {time.perf_counter() - started:.1f} s")
+    print(f"wrote a {args.size} random-weight {args.generation.name} model ({megabytes:.1f} MB) to "
+          f"{out_dir} in {time.perf_counter() - started:.1f} s")
     return 0
