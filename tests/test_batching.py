@@ -57,8 +57,30 @@ def test_batched_greedy_tokens_equal_the_reference(llm, reference, static_decode
         assert tokens == ref[f"{layout}_greedy_tokens"].tolist(), layout
 
 
-def test_batched_sampling_equals_one_request_at_a_time(llm, reference):
-    ref = reference("llm")
+@pytest.fixture(scope="module")
+def cv3_llm(cv3_model_dir):
+    return load_stage(cv3_model_dir, "llm")
+
+
+@pytest.mark.parity
+def test_cosyvoice3_batched_greedy_tokens_equal_the_reference(cv3_llm, cv3_reference):
+    """CosyVoice3's LLM through the scheduler: its 200 stop ids and SOS-masking minimum length
+    hold per request in a shared decode step."""
+    ref = cv3_reference("llm")
+    batched = BatchedLLM(cv3_llm, max_batch=4, max_len=1024, static_decode=True)
+    results = _run_concurrently([lambda layout=layout: list(batched.generate(*_inputs(ref, layout),
+                                                                             sampling=greedy_sampling))
+                                 for layout in LAYOUTS])
+    for layout, tokens in zip(LAYOUTS, results):
+        assert tokens == ref[f"{layout}_greedy_tokens"].tolist(), layout
+
+
+@pytest.mark.parametrize("generation", ["cosyvoice2", "cosyvoice3"])
+def test_batched_sampling_equals_one_request_at_a_time(request, generation):
+    if generation == "cosyvoice2":
+        llm, ref = request.getfixturevalue("llm"), request.getfixturevalue("reference")("llm")
+    else:
+        llm, ref = request.getfixturevalue("cv3_llm"), request.getfixturevalue("cv3_reference")("llm")
     jobs = [(layout, seed) for layout in LAYOUTS for seed in (1, 2)]
     solo = [list(llm.generate(*_inputs(ref, layout), generator=torch.Generator().manual_seed(seed)))
             for layout, seed in jobs]
