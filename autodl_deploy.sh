@@ -9,8 +9,10 @@
 set -euo pipefail
 set -E  # the ERR trap also fires inside functions
 
-SCRIPT_VERSION="1.0.0"
-MANIFEST_FORMAT="cosyvoice-deploy manifest 1"
+SCRIPT_VERSION="1.1.0"
+# The manifest.json contract: offline_packages/manifest.py defines it (the same version there).
+MANIFEST_FORMAT="cosyvoice-deploy manifest"
+MANIFEST_VERSION=2
 PACKAGES_ZIP_NAME="offline_packages.zip"
 MODELS_ZIP_NAME="pretrained_models.zip"
 TTSFRD_PYTHON="3.10"
@@ -25,6 +27,7 @@ BUNDLE_DIR="${COSYVOICE_BUNDLE_DIR:-}"
 HOST="${COSYVOICE_HOST:-0.0.0.0}"
 PORT="${COSYVOICE_PORT:-6006}"
 BACKEND="${COSYVOICE_BACKEND:-torch}"
+MODEL="${COSYVOICE_MODEL:-}"
 DEVICE="${COSYVOICE_DEVICE:-auto}"
 PYTHON_REQUEST="${COSYVOICE_PYTHON:-}"
 NO_START="${COSYVOICE_NO_START:-0}"
@@ -69,6 +72,9 @@ Flags (environment variable in brackets; every verb takes every flag):
   --bundle-dir DIR     where the two zips are (COSYVOICE_BUNDLE_DIR; default DATA_DIR)
   --backend NAME       torch (server.py) or trtllm (fast_server.py under mpirun)
                        (COSYVOICE_BACKEND; default torch)
+  --model NAME         which model of pretrained_models.zip to serve, e.g. cosyvoice3 or
+                       cosyvoice2 (COSYVOICE_MODEL; default: the bundle's default, the first
+                       given to build.py --model; doctor lists what the bundle holds)
   --device NAME        torch device for the server: auto, cuda or cpu (COSYVOICE_DEVICE; default
                        auto: cuda when the bundle is a CUDA build and a GPU is visible)
   --host ADDR          address the server binds (COSYVOICE_HOST; default 0.0.0.0)
@@ -204,7 +210,9 @@ test_hold() {
 }
 
 # --- manifests (one field per line, one file per line: readable with sed) ---------------------
+# The layout, the version and every field are defined in offline_packages/manifest.py.
 
+# manifest_get FILE FIELD: a field's value (strings unquoted, null as nothing).
 manifest_get() {
     local value
     value=$(sed -n "s/^  \"$2\": \\(.*\\),\$/\\1/p" "$1")
@@ -223,6 +231,29 @@ manifest_sums() {
 # manifest_paths FILE: the paths alone (after the 64 hex digits and two spaces).
 manifest_paths() {
     manifest_sums "$1" | cut -c67-
+}
+
+# manifest_mismatch FILE NAME KIND: prints what is wrong when FILE (the manifest of the zip NAME)
+# is not a KIND manifest of this script's version; prints nothing when it is.
+manifest_mismatch() {
+    local file=$1 name=$2 kind=$3 format version
+    format=$(manifest_get "$file" format)
+    version=$(manifest_get "$file" manifest_version)
+    case "$format" in
+        "$MANIFEST_FORMAT") ;;
+        "$MANIFEST_FORMAT "[0-9]*) version=${format##* } ;; # version 1 wrote it into the format
+        *)
+            printf "%s is not a bundle of offline_packages/build.py (its manifest.json is someone else's): check which file you uploaded under this name" "$name"
+            return 0
+            ;;
+    esac
+    if [[ "$version" != "$MANIFEST_VERSION" ]]; then
+        printf "%s has manifest version %s but this autodl_deploy.sh reads version %s: rebuild the bundle (both zips) with offline_packages/build.py from this script's checkout, or use the autodl_deploy.sh inside offline_packages.zip, which matches the zips built with it" \
+            "$name" "${version:-unknown}" "$MANIFEST_VERSION"
+    elif [[ "$(manifest_get "$file" kind)" != "$kind" ]]; then
+        printf "%s is not a %s bundle of offline_packages/build.py (its manifest.json says kind '%s'): check which file you uploaded under this name" \
+            "$name" "$kind" "$(manifest_get "$file" kind)"
+    fi
 }
 
 # --- markers -----------------------------------------------------------------------------------
@@ -337,7 +368,7 @@ zip_failure() {
 # read_manifest ZIP KIND INSTALLED_COPY OUT: the manifest from the zip, or from the install
 # when the zip was removed after a finished deploy.
 read_manifest() {
-    local zip=$1 kind=$2 installed=$3 out=$4 output
+    local zip=$1 kind=$2 installed=$3 out=$4 output mismatch
     output="$WORK/unzip-manifest.out"
     if [[ -f "$zip" ]]; then
         if ! unzip -p "$zip" manifest.json >"$out" 2>"$output"; then
@@ -353,8 +384,9 @@ read_manifest() {
         problem "$(basename "$zip") is not in $(dirname "$zip"): upload it there, or pass --bundle-dir with the folder that holds it"
         return 0
     fi
-    if [[ "$(manifest_get "$out" format)" != "$MANIFEST_FORMAT" || "$(manifest_get "$out" kind)" != "$kind" ]]; then
-        problem "$(basename "$zip") is not a $kind bundle of offline_packages/build.py (its manifest.json says kind '$(manifest_get "$out" kind)'): check which file you uploaded under this name"
+    mismatch=$(manifest_mismatch "$out" "$(basename "$zip")" "$kind")
+    if [[ -n "$mismatch" ]]; then
+        problem "$mismatch"
         rm -f "$out"
     fi
 }
@@ -378,6 +410,63 @@ pkg() {
 
 models() {
     manifest_get "$MODELS_MANIFEST" "$1"
+}
+
+# --- which model to serve (the models manifest's `models`: NAME=FOLDER,..., the default first) -
+
+# model_pairs: one NAME=FOLDER line per model of the bundle.
+model_pairs() {
+    printf '%s\n' "$(models models)" | tr ',' '\n'
+}
+
+# model_entry NAME: the NAME=FOLDER pair of the bundle's model called NAME (its name or its
+# folder); fails when the bundle holds no such model.
+model_entry() {
+    local pair
+    while IFS= read -r pair; do
+        if [[ -n "$pair" && ("$1" == "${pair%%=*}" || "$1" == "${pair#*=}") ]]; then
+            printf '%s' "$pair"
+            return 0
+        fi
+    done < <(model_pairs)
+    return 1
+}
+
+# wanted_model: the model asked for with --model, else the bundle's default.
+wanted_model() {
+    printf '%s' "${MODEL:-$(models default_model)}"
+}
+
+# model_list: the bundle's models for people, e.g. "cosyvoice3 (default), cosyvoice2".
+model_list() {
+    local pair list="" default
+    default=$(models default_model)
+    while IFS= read -r pair; do
+        if [[ -n "$pair" ]]; then
+            list+="${list:+, }${pair%%=*}"
+            if [[ "${pair%%=*}" == "$default" ]]; then
+                list+=" (default)"
+            fi
+        fi
+    done < <(model_pairs)
+    printf '%s' "$list"
+}
+
+unknown_model() {
+    printf -- "--model %s is not in this bundle, which holds %s: pass one of those, or leave --model out" \
+        "$(wanted_model)" "$(model_list)"
+}
+
+check_model() {
+    local entry
+    if [[ ! -f "$MODELS_MANIFEST" ]]; then
+        return 0
+    fi
+    if entry=$(model_entry "$(wanted_model)"); then
+        passed "model ${entry%%=*} (${entry#*=})"
+    else
+        problem "$(unknown_model)"
+    fi
 }
 
 # --- preflight ---------------------------------------------------------------------------------
@@ -591,6 +680,7 @@ preflight() {
     read_bundles
     check_system
     check_backend
+    check_model
     check_python_request
     check_disk
     check_gpu
@@ -830,7 +920,7 @@ step_wheels() {
 
 step_models() {
     unpack_zip "$MODELS_ZIP" "$MODELS_MANIFEST" "$MODELS_DIR" models
-    note "model $(models model), $(models voices) voice(s)"
+    note "models: $(model_list); $(models voices) voice(s)"
 }
 
 step_voices() {
@@ -931,6 +1021,13 @@ launcher() {
     fi
 }
 
+# running_model: the NAME of the model the server was started with.
+running_model() {
+    if [[ -f "$RUN_DIR/server.model" ]]; then
+        cat "$RUN_DIR/server.model"
+    fi
+}
+
 server_pid() {
     if [[ -f "$PID_FILE" ]]; then
         cat "$PID_FILE"
@@ -975,13 +1072,14 @@ except (urllib.error.URLError, OSError, ValueError):
 EOF
 }
 
+# start_key MODEL_ENTRY: what the running server was started with.
 start_key() {
-    printf '%s|%s|%s|%s|%s|%s|%s' "$PKG_ID" "$MODELS_ID" "$BACKEND" "$HOST" "$PORT" "$DEVICE" \
-        "$(readlink "$VENV")"
+    printf '%s|%s|%s|%s|%s|%s|%s|%s' "$PKG_ID" "$MODELS_ID" "$BACKEND" "$HOST" "$PORT" "$DEVICE" \
+        "$(readlink "$VENV")" "$1"
 }
 
 start_server() {
-    local app pid model_dir device command url
+    local app pid entry model_dir device command url
     STEP=start
     app=$(launcher)
     if [[ ! -f "$app" ]]; then
@@ -996,10 +1094,13 @@ start_server() {
     if [[ ! -x "$VENV/bin/python" ]]; then
         err "nothing is installed in $INSTALL_DIR yet: run '$(self_command deploy)' first"
     fi
-    model_dir="$MODELS_DIR/$(models model)"
+    if ! entry=$(model_entry "$(wanted_model)"); then
+        err "$(unknown_model)"
+    fi
+    model_dir="$MODELS_DIR/${entry#*=}"
     device=$(server_device)
     if server_running; then
-        if [[ "$(cat "$RUN_DIR/server.key" 2>>"$LOG")" == "$(start_key)" ]]; then
+        if [[ "$(cat "$RUN_DIR/server.key" 2>>"$LOG")" == "$(start_key "$entry")" ]]; then
             say "the server is already running (pid $(server_pid))"
             wait_ready
             return 0
@@ -1013,7 +1114,7 @@ start_server() {
     mkdir -p "$RUN_DIR" "$LOG_DIR"
     printf '\n===== %s: starting %s (%s backend) on %s:%s\n' "$(date '+%F %T')" \
         "$(basename "$app")" "$BACKEND" "$HOST" "$PORT" >>"$SERVER_LOG"
-    say "starting $(basename "$app") on $HOST:$PORT ($BACKEND backend, $device)"
+    say "starting $(basename "$app") on $HOST:$PORT (model ${entry%%=*}, $BACKEND backend, $device)"
     command=("$VENV/bin/python" "$app" --model-dir "$model_dir" --host "$HOST" --port "$PORT"
         --device "$device" --voices-dir "$VOICES_DIR")
     if [[ "$BACKEND" == trtllm ]]; then
@@ -1030,7 +1131,8 @@ start_server() {
         >>"$SERVER_LOG" 2>&1 </dev/null 9>&- &
     pid=$!
     printf '%s\n' "$pid" >"$PID_FILE"
-    start_key >"$RUN_DIR/server.key"
+    start_key "$entry" >"$RUN_DIR/server.key"
+    printf '%s\n' "${entry%%=*}" >"$RUN_DIR/server.model"
     rm -f "$RUN_DIR/server.url"
     url=$(local_url)
     printf '%s\n' "$url" >"$RUN_DIR/server.url"
@@ -1077,7 +1179,7 @@ wait_ready() {
 }
 
 print_access() {
-    say "CosyVoice is ready: $(local_url) (pid $(server_pid), backend $BACKEND)"
+    say "CosyVoice is ready: $(local_url) (pid $(server_pid), model $(running_model), backend $BACKEND)"
     note "web UI: $(local_url)/   health: $(local_url)/health   OpenAI API: $(local_url)/v1/audio/speech"
     if [[ "$PORT" == 6006 || "$PORT" == 6008 ]]; then
         note "from your computer: AutoDL console > this instance > 自定义服务 (Custom Service) opens port $PORT"
@@ -1124,6 +1226,9 @@ self_command() {
     fi
     if [[ "$1" == start && "$PORT" != 6006 ]]; then
         line+=" --port $PORT"
+    fi
+    if [[ "$1" == start && -n "$MODEL" ]]; then
+        line+=" --model $MODEL"
     fi
     printf '%s' "$line"
 }
@@ -1183,6 +1288,9 @@ cmd_doctor() {
     if [[ -f "$PKG_MANIFEST" ]]; then
         note "bundle: profile $(pkg profile), Python $(pkg python_version), CUDA $(pkg cuda), built $(pkg created)$([[ "$(pkg demo)" == true ]] && printf ' (demo)')"
     fi
+    if [[ -f "$MODELS_MANIFEST" ]]; then
+        note "models: $(model_list)"
+    fi
     if ((PROBLEMS > 0)); then
         err "$PROBLEMS check(s) failed: fix what is listed above, then run deploy"
     fi
@@ -1195,6 +1303,9 @@ installed_manifests() {
     MODELS_MANIFEST="$MODELS_DIR/manifest.json"
     if [[ ! -f "$PKG_MANIFEST" || ! -f "$MODELS_MANIFEST" || ! -L "$VENV" ]]; then
         err "CosyVoice is not installed in $INSTALL_DIR: run '$(self_command deploy)' first (or pass --install-dir)"
+    fi
+    if [[ -n "$(manifest_mismatch "$PKG_MANIFEST" packages packages)$(manifest_mismatch "$MODELS_MANIFEST" models models)" ]]; then
+        err "$INSTALL_DIR was installed from a bundle whose manifest is not version $MANIFEST_VERSION, the one this autodl_deploy.sh reads: use the script it was installed with (bash $PKG_DIR/autodl_deploy.sh $VERB), or deploy a bundle rebuilt from this script's checkout"
     fi
     PKG_ID=$(sha256_text <"$PKG_MANIFEST")
     MODELS_ID=$(sha256_text <"$MODELS_MANIFEST")
@@ -1217,6 +1328,9 @@ cmd_restart() {
     open_log restart
     take_lock
     installed_manifests
+    if ! model_entry "$(wanted_model)" >/dev/null; then
+        err "$(unknown_model)"
+    fi
     stop_server
     start_server
 }
@@ -1230,8 +1344,15 @@ cmd_status() {
         printf 'bundle:      profile %s, Python %s, CUDA %s, torch %s, built %s%s\n' "$(pkg profile)" \
             "$(pkg python_version)" "$(pkg cuda)" "$(pkg torch)" "$(pkg created)" \
             "$([[ "$(pkg demo)" == true ]] && printf ' (demo)')"
+        if [[ -n "$(manifest_mismatch "$PKG_MANIFEST" packages packages)" ]]; then
+            printf 'warning:     installed from another manifest version than %s (this script)\n' "$MANIFEST_VERSION"
+        fi
     else
         printf 'bundle:      not installed\n'
+    fi
+    if [[ -f "$MODELS_DIR/manifest.json" ]]; then
+        MODELS_MANIFEST="$MODELS_DIR/manifest.json"
+        printf 'models:      %s\n' "$(model_list)"
     fi
     printf 'steps:      '
     for step in verify packages uv python venv wheels models voices ttsfrd activate; do
@@ -1244,7 +1365,8 @@ cmd_status() {
     printf '\n'
     if server_running; then
         code=$(http_status "$(local_url)/ready")
-        printf 'server:      running, pid %s, %s, /ready %s\n' "$(server_pid)" "$(local_url)" "${code/#0/no answer}"
+        printf 'server:      running, pid %s, %s, model %s, /ready %s\n' "$(server_pid)" "$(local_url)" \
+            "$(running_model)" "${code/#0/no answer}"
         printf 'log:         %s\n' "$SERVER_LOG"
         return 0
     fi
@@ -1279,6 +1401,7 @@ parse_args() {
             --install-dir) value "$1" "${2:-}" && INSTALL_DIR=$2 && INSTALL_DIR_GIVEN=1 && shift ;;
             --bundle-dir) value "$1" "${2:-}" && BUNDLE_DIR=$2 && shift ;;
             --backend) value "$1" "${2:-}" && BACKEND=$2 && shift ;;
+            --model) value "$1" "${2:-}" && MODEL=$2 && shift ;;
             --host) value "$1" "${2:-}" && HOST=$2 && shift ;;
             --device) value "$1" "${2:-}" && DEVICE=$2 && shift ;;
             --port) value "$1" "${2:-}" && PORT=$2 && shift ;;
@@ -1324,4 +1447,7 @@ main() {
     esac
 }
 
-main "$@"
+# Sourced (by the tests, to call single functions): define everything, run nothing.
+if ! (return 0 2>/dev/null); then
+    main "$@"
+fi

@@ -10,12 +10,12 @@ DEFAULT_FIXTURES = REPO_ROOT.parent / "shared" / "fixtures" / "cosyvoice2-tiny"
 DEFAULT_CV3_FIXTURES = REPO_ROOT.parent / "shared" / "fixtures" / "cosyvoice3-tiny"
 
 
-def fixtures_root() -> Path:
-    """The reference fixture folder (env COSYVOICE_FIXTURES). A missing folder fails, never skips."""
-    root = Path(os.environ.get("COSYVOICE_FIXTURES", DEFAULT_FIXTURES))
+def fixtures_root(variable: str = "COSYVOICE_FIXTURES", default: Path = DEFAULT_FIXTURES) -> Path:
+    """A reference fixture folder (env `variable`). A missing folder fails, never skips."""
+    root = Path(os.environ.get(variable, default))
     if not (root / "model").is_dir() or not (root / "reference").is_dir():
         pytest.fail(f"fixture folder {root} is missing or incomplete (needs model/ and reference/); "
-                    "set COSYVOICE_FIXTURES to the cosyvoice2-tiny fixture folder", pytrace=False)
+                    f"set {variable} to the {default.name} fixture folder", pytrace=False)
     return root
 
 
@@ -50,16 +50,8 @@ def _npz_loader(folder: Path):
 
 @pytest.fixture(scope="session")
 def cv3_fixture_dir() -> Path:
-    """The CosyVoice3 fixture folder (env COSYVOICE3_FIXTURES). Tests using it skip when the default
-    folder is absent, and fail when COSYVOICE3_FIXTURES names a folder that is missing or incomplete."""
-    configured = os.environ.get("COSYVOICE3_FIXTURES")
-    root = Path(configured or DEFAULT_CV3_FIXTURES)
-    if not (root / "model").is_dir() or not (root / "reference").is_dir():
-        message = f"CosyVoice3 fixture folder {root} is missing or incomplete (needs model/ and reference/)"
-        if configured:
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message + "; set COSYVOICE3_FIXTURES to the cosyvoice3-tiny fixture folder")
-    return root
+    """The CosyVoice3 fixture folder (env COSYVOICE3_FIXTURES)."""
+    return fixtures_root("COSYVOICE3_FIXTURES", DEFAULT_CV3_FIXTURES)
 
 
 @pytest.fixture(scope="session")

@@ -3,8 +3,7 @@
 Same features as CosyVoice2 except the speech tokenizer file (speech_tokenizer_v3.onnx, same I/O)
 and the prompt mel's fmax (the yaml's `fmax: null`, i.e. Nyquist = 12 kHz at 24 kHz). Sizes come
 from the arrays, so a fixture of other sizes passes too. The fixture folder is env
-COSYVOICE3_FIXTURES (default ../shared/fixtures/cosyvoice3-tiny); the tests skip when the default
-folder is absent and fail when the configured one is missing or incomplete.
+COSYVOICE3_FIXTURES (default ../shared/fixtures/cosyvoice3-tiny; see conftest.py).
 
 Tolerances: the features 1e-4 absolute (for the Kaldi fbank see test_frontend_audio_parity.py:
 our float32 operation order repeats the reference's, and the bound derived there covers any
@@ -12,7 +11,6 @@ input; for the whole path's mel above the prompt's band see `test_extract`), tok
 the campplus output 1e-5, the embedding 1e-3 relative.
 """
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -28,27 +26,18 @@ from cosyvoice.loading.model_dir import read_config
 
 pytestmark = pytest.mark.parity
 
-DEFAULT_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures" / "cosyvoice3-tiny"
 YAML = "cosyvoice3.yaml"
 TOKENIZER = "speech_tokenizer_v3.onnx"
 
 
 @pytest.fixture(scope="module")
-def cv3_dir() -> Path:
-    configured = os.environ.get("COSYVOICE3_FIXTURES")
-    root = Path(configured or DEFAULT_DIR)
-    if not (root / "model").is_dir() or not (root / "reference").is_dir():
-        message = f"CosyVoice3 fixture folder {root} is missing or incomplete (needs model/ and reference/)"
-        if configured:
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
-    return root
+def cv3_dir(cv3_fixture_dir) -> Path:
+    return cv3_fixture_dir
 
 
 @pytest.fixture(scope="module")
-def ref(cv3_dir) -> dict:
-    with np.load(cv3_dir / "reference" / "frontend.npz") as data:
-        return {key: data[key] for key in data.files}
+def ref(cv3_reference) -> dict:
+    return cv3_reference("frontend")
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import json
 import time
 import zipfile
 from pathlib import Path
@@ -137,8 +138,8 @@ def bundle(box, workspace) -> Path:
                     f"running setup.sh, or: python {BUILDER.relative_to(REPO)} --demo --fetch-only "
                     f"--wheelhouse {WHEELHOUSE}", pytrace=False)
     out = workspace / "bundle"
-    result = box.run([sys.executable, BUILDER, "--demo", "--offline", "--wheelhouse", WHEELHOUSE,
-                      "--out", out], cwd=REPO)
+    result = box.run([sys.executable, BUILDER, "--demo", "--offline", "--wheelhouse",
+                      WHEELHOUSE, "--out", out], cwd=REPO)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for name in (PACKAGES, MODELS):
         assert (out / name).is_file()
@@ -149,6 +150,13 @@ def bundle(box, workspace) -> Path:
 def uv_cache(workspace) -> Path:
     """One uv cache for the fault cases, so each install after the first unpacks nothing."""
     return workspace / "uv-cache"
+
+
+def served_model(bundle: Path) -> tuple[str, str]:
+    """(name, folder) of the model the demo bundle serves by default, from its manifest."""
+    fields = json.loads((bundle / "pretrained_models.manifest.json").read_text())
+    pairs = dict(pair.split("=", 1) for pair in fields["models"].split(","))
+    return fields["default_model"], pairs[fields["default_model"]]
 
 
 def stage(workspace: Path, bundle: Path, name: str, zips=(PACKAGES, MODELS)) -> Path:
@@ -231,6 +239,7 @@ def test_demo_deploy_serves_offline(box, bundle, workspace):
     try:
         assert_ok(first)
         assert "CosyVoice is ready" in first.stdout
+        assert f"model {served_model(bundle)[0]}" in first.stdout
         assert_installed(data)
         url = f"http://127.0.0.1:{port}"
         assert box.request(f"{url}/health", workspace / "health.json")[0] == 200
@@ -412,7 +421,7 @@ def test_killed_during_model_extraction_then_rerun(box, bundle, workspace, uv_ca
     assert_ok(again)
     assert "==> wheels: already done" in again.stdout
     assert_installed(data)
-    assert (install / "pretrained_models" / "CosyVoice2-demo-tiny" / "llm.pt").is_file()
+    assert (install / "pretrained_models" / served_model(bundle)[1] / "llm.pt").is_file()
     shutil.rmtree(data)
 
 
@@ -425,6 +434,10 @@ def test_doctor_and_dry_run_change_nothing(box, bundle, workspace):
     assert_ok(dry)
     assert all(f"==> {step}: would run" in dry.stdout for step in STEPS)
     assert done_steps(data) == set() and not (data / "cosyvoice" / "packages").exists()
+    name, folder = served_model(bundle)
+    assert f"ok    model {name} ({folder})" in doctor.stdout
+    assert_one_error(deploy(box, data, "--dry-run", "--model", "nope"),
+                     f"--model nope is not in this bundle, which holds {name} (default)")
     (data / PACKAGES).unlink()
     missing = deploy(box, data, verb="doctor")
     assert_one_error(missing, "1 check(s) failed")
