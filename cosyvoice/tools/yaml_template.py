@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from string import Template
 
-COSYVOICE2 = Template("""\
-# CosyVoice2 model description, written by `python -m cosyvoice make-model` (random weights).
+# The parts both generations share; $-names the generation fills in are listed in GENERATION_TEXT.
+COMMON_HEADER = """\
+# $generation model description, written by `python -m cosyvoice make-model` (random weights).
 __set_seed1: !apply:random.seed [1986]
 __set_seed2: !apply:numpy.random.seed [1986]
 __set_seed3: !apply:torch.manual_seed [1986]
@@ -29,8 +30,10 @@ token_mel_ratio: 2
 chunk_size: 25
 num_decoding_left_chunks: -1
 
-# text -> speech tokens
-llm: !new:cosyvoice.llm.llm.Qwen2LM
+"""
+LLM = """\
+# text -> speech tokens$llm_note
+llm: !new:$llm_class
     llm_input_size: !ref <llm_input_size>
     llm_output_size: !ref <llm_output_size>
     speech_token_size: 6561
@@ -45,6 +48,27 @@ llm: !new:cosyvoice.llm.llm.Qwen2LM
         win_size: 10
         tau_r: 0.1
 
+"""
+FRONTEND = """\
+# text tokenizer (the Qwen folder CosyVoice-BlankEN replaces qwen_pretrain_path at load time)
+get_tokenizer: !name:cosyvoice.tokenizer.tokenizer.get_qwen_tokenizer
+    token_path: !ref <qwen_pretrain_path>
+    skip_special_tokens: True$tokenizer_version
+allowed_special: 'all'
+
+# the 80-bin mel of the prompt audio$fmax_note
+feat_extractor: !name:matcha.utils.audio.mel_spectrogram
+    n_fft: 1920
+    num_mels: 80
+    sampling_rate: !ref <sample_rate>
+    hop_size: 480
+    win_size: 1920
+    fmin: 0
+    fmax: $fmax
+    center: False
+"""
+
+COSYVOICE2_STAGES = """\
 # speech tokens -> mel spectrogram
 flow: !new:cosyvoice.flow.flow.CausalMaskedDiffWithXvec
     input_size: $flow_size
@@ -122,61 +146,9 @@ hift: !new:cosyvoice.hifigan.generator.HiFTGenerator
         in_channels: 80
         cond_channels: $hift_channels
 
-# text tokenizer (the Qwen folder CosyVoice-BlankEN replaces qwen_pretrain_path at load time)
-get_tokenizer: !name:cosyvoice.tokenizer.tokenizer.get_qwen_tokenizer
-    token_path: !ref <qwen_pretrain_path>
-    skip_special_tokens: True
-allowed_special: 'all'
+"""
 
-# the 80-bin mel of the prompt audio
-feat_extractor: !name:matcha.utils.audio.mel_spectrogram
-    n_fft: 1920
-    num_mels: 80
-    sampling_rate: !ref <sample_rate>
-    hop_size: 480
-    win_size: 1920
-    fmin: 0
-    fmax: 8000
-    center: False
-""")
-
-
-COSYVOICE3 = Template("""\
-# CosyVoice3 model description, written by `python -m cosyvoice make-model` (random weights).
-__set_seed1: !apply:random.seed [1986]
-__set_seed2: !apply:numpy.random.seed [1986]
-__set_seed3: !apply:torch.manual_seed [1986]
-__set_seed4: !apply:torch.cuda.manual_seed_all [1986]
-
-# global numbers
-sample_rate: 24000
-llm_input_size: $llm_size
-llm_output_size: $llm_size
-spk_embed_dim: 192
-qwen_pretrain_path: ''
-token_frame_rate: 25
-token_mel_ratio: 2
-
-# streaming: chunk length in speech tokens; a negative left-chunk count means all of them
-chunk_size: 25
-num_decoding_left_chunks: -1
-
-# text -> speech tokens (sos, eos, task id and fill are rows of the speech embedding)
-llm: !new:cosyvoice.llm.llm.CosyVoice3LM
-    llm_input_size: !ref <llm_input_size>
-    llm_output_size: !ref <llm_output_size>
-    speech_token_size: 6561
-    length_normalized_loss: True
-    lsm_weight: 0
-    mix_ratio: [5, 15]
-    llm: !new:cosyvoice.llm.llm.Qwen2Encoder
-        pretrain_path: !ref <qwen_pretrain_path>
-    sampling: !name:cosyvoice.utils.common.ras_sampling
-        top_p: 0.8
-        top_k: 25
-        win_size: 10
-        tau_r: 0.1
-
+COSYVOICE3_STAGES = """\
 # speech tokens -> mel spectrogram: 80-dim token embeddings, a look-ahead conv, a DiT decoder
 flow: !new:cosyvoice.flow.flow.CausalMaskedDiffWithDiT
     input_size: 80
@@ -243,28 +215,22 @@ hift: !new:cosyvoice.hifigan.generator.CausalHiFTGenerator
         in_channels: 80
         cond_channels: $hift_channels
 
-# text tokenizer (the Qwen folder CosyVoice-BlankEN replaces qwen_pretrain_path at load time)
-get_tokenizer: !name:cosyvoice.tokenizer.tokenizer.get_qwen_tokenizer
-    token_path: !ref <qwen_pretrain_path>
-    skip_special_tokens: True
-    version: cosyvoice3
-allowed_special: 'all'
+"""
 
-# the 80-bin mel of the prompt audio (no fmax: up to the Nyquist frequency, 12 kHz)
-feat_extractor: !name:matcha.utils.audio.mel_spectrogram
-    n_fft: 1920
-    num_mels: 80
-    sampling_rate: !ref <sample_rate>
-    hop_size: 480
-    win_size: 1920
-    fmin: 0
-    fmax: null
-    center: False
-""")
-TEMPLATES = {"CosyVoice2": COSYVOICE2, "CosyVoice3": COSYVOICE3}   # by generation name
+# What differs per generation besides the flow and vocoder sections.
+GENERATION_TEXT = {
+    "CosyVoice2": dict(generation="CosyVoice2", llm_class="cosyvoice.llm.llm.Qwen2LM", llm_note="",
+                       tokenizer_version="", fmax_note="", fmax="8000"),
+    "CosyVoice3": dict(generation="CosyVoice3", llm_class="cosyvoice.llm.llm.CosyVoice3LM",
+                       llm_note=" (sos, eos, task id and fill are rows of the speech embedding)",
+                       tokenizer_version="\n    version: cosyvoice3",
+                       fmax_note=" (no fmax: up to the Nyquist frequency, 12 kHz)", fmax="null"),
+}
+TEMPLATES = {"CosyVoice2": Template(COMMON_HEADER + LLM + COSYVOICE2_STAGES + FRONTEND),
+             "CosyVoice3": Template(COMMON_HEADER + LLM + COSYVOICE3_STAGES + FRONTEND)}
 
 
 def render(sizes: dict[str, int], generation: str = "CosyVoice2") -> str:
-    """The yaml text of `generation` (a name in TEMPLATES) with every `$name` replaced by
+    """The yaml text of `generation` (a name in TEMPLATES) with every size `$name` replaced by
     `sizes[name]`; a missing name is a KeyError."""
-    return TEMPLATES[generation].substitute(sizes)
+    return TEMPLATES[generation].substitute({**sizes, **GENERATION_TEXT[generation]})
