@@ -2,7 +2,8 @@
 # Creates .venv with the project installed. Safe to rerun: it reinstalls only when
 # pyproject.toml or requirements.txt changed.
 #   ./setup.sh        runtime only (enough for `python -m cosyvoice demo` and the servers)
-#   ./setup.sh --dev  plus the test tools: pytest and friends, MPI wheels, Debian's chromium,
+#   ./setup.sh --dev  plus the test tools: pytest and friends, MPI wheels, Ray Serve (about
+#                     330 MB installed, a minute), Debian's chromium,
 #                     ShellCheck and unzip for the browser and installer tests (installed with
 #                     apt-get when missing), and the demo bundle's wheelhouse in .venv/wheelhouse
 #                     (about 300 MB, fetched once) that the deploy tests install from
@@ -14,7 +15,7 @@ TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"   # the CPU wheel on dev/CI machines; 
 extras=""
 dev_stamp=""
 if [[ "${1:-}" == "--dev" ]]; then
-    extras="[test,mpi]"
+    extras="[test,mpi,ray]"
     dev_stamp=" demo-wheelhouse"
 elif [[ $# -gt 0 ]]; then
     echo "usage: ./setup.sh [--dev]" >&2

@@ -67,10 +67,10 @@ def cv3_reference(cv3_fixture_dir):
 
 @pytest.fixture(scope="session")
 def server(model_dir, fixture_dir):
-    """One real `server.py` on 127.0.0.1 for the HTTP tests (see server_harness.py)."""
+    """One real `server.py` on 127.0.0.1 for the HTTP, WebSocket and gRPC tests (see server_harness.py)."""
     from server_harness import run_test_server
 
-    with run_test_server(model_dir, fixture_dir) as running:
+    with run_test_server(model_dir, fixture_dir, grpc=True) as running:
         yield running
 
 

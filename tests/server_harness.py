@@ -2,7 +2,8 @@
 
 One server is shared by the test_server_* modules (the session fixture `server` in conftest.py
 starts it on first use and stops it when the test session ends). It has an API key, a small queue (2 workers + 4 waiting) so 503 is reachable, the
-response cache, CORS for one origin, and a voice folder with one imported voice, 'alice'.
+response cache, CORS for one origin, a voice folder with one imported voice, 'alice', and
+upstream's gRPC service on `server.grpc_port`.
 """
 from __future__ import annotations
 
@@ -41,9 +42,13 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, model_dir: Path, voices_dir: Path, *extra: str):
+    def __init__(self, model_dir: Path, voices_dir: Path, *extra: str, grpc: bool = False):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        # the gRPC service (--grpc-port), when asked for, on another free port
+        self.grpc_port = next(port for port in iter(free_port, None) if port != self.port) if grpc else 0
+        if grpc:
+            extra = (*extra, "--grpc-port", str(self.grpc_port))
         self.voices_dir = voices_dir
         self.log_dir = Path(tempfile.mkdtemp(prefix="cosyvoice-server-log-"))
         self.stdout_path, self.stderr_path = self.log_dir / "stdout.log", self.log_dir / "stderr.log"
@@ -107,16 +112,20 @@ def prompt_files(fixture_dir: Path) -> tuple[Path, str]:
     return reference / "prompt.wav", (reference / "prompt.txt").read_text(encoding="utf-8").strip()
 
 
+SHARED_FLAGS = ("--api-key", API_KEY, "--workers", str(WORKERS), "--max-queue", str(MAX_QUEUE),
+                "--cache-mb", "16", "--cors-origins", ALLOWED_ORIGIN, "--max-text-chars",
+                str(MAX_TEXT_CHARS), "--max-upload-mb", str(MAX_UPLOAD_MB), "--retry-after-s", "1")
+
+
 @contextmanager
-def run_test_server(model_dir: Path, fixture_dir: Path) -> Iterator[ServerProcess]:
-    """The server the tests share, ready, with one imported voice; stopped on exit."""
+def run_test_server(model_dir: Path, fixture_dir: Path, flags: tuple[str, ...] = SHARED_FLAGS,
+                    grpc: bool = False) -> Iterator[ServerProcess]:
+    """A server, ready, with one imported voice ('alice'); stopped on exit. The default flags are
+    those of the server the tests share; `flags=()` runs server.py with its own defaults."""
     voices_dir = Path(tempfile.mkdtemp(prefix="cosyvoice-voices-"))
     prompt_wav, transcript = prompt_files(fixture_dir)
     shutil.copy(prompt_wav, voices_dir / f"[alice]{transcript}.wav")
-    server = ServerProcess(model_dir, voices_dir, "--api-key", API_KEY, "--workers", str(WORKERS),
-                           "--max-queue", str(MAX_QUEUE), "--cache-mb", "16",
-                           "--cors-origins", ALLOWED_ORIGIN, "--max-text-chars", str(MAX_TEXT_CHARS),
-                           "--max-upload-mb", str(MAX_UPLOAD_MB), "--retry-after-s", "1")
+    server = ServerProcess(model_dir, voices_dir, *flags, grpc=grpc)
     try:
         server.wait_ready()
         yield server
@@ -142,11 +151,12 @@ def wav_bytes(samples: np.ndarray, rate: int) -> bytes:
 
 
 def decode(fmt: str, data: bytes, streamed: bool) -> tuple[np.ndarray, int]:
-    """Audio bytes -> (samples, rate): soundfile where it can tell the length, else PyAV."""
+    """Audio bytes -> (samples, rate) as a client that saved them reads them: soundfile
+    (`sf.read`) for every container it knows, streamed or not; PyAV for AAC (libsndfile has none)."""
     if fmt == "pcm":
         assert len(data) % 2 == 0
         return np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768, RATE
-    if fmt == "aac" or (fmt == "flac" and streamed):   # a streamed FLAC header has no length
+    if fmt == "aac":
         with av.open(io.BytesIO(data)) as container:
             frames = list(container.decode(audio=0))
         return np.concatenate([frame.to_ndarray().reshape(-1) for frame in frames]), frames[0].sample_rate
@@ -162,5 +172,6 @@ def assert_json_error(response: httpx.Response, status: int | None = None) -> st
     body = response.json()
     message = body["error"]["message"] if "error" in body else body["detail"]
     assert isinstance(message, str) and len(message) > 5, body
+    assert "object at 0x" not in message, message   # no Python object reprs
     return message
 

@@ -79,7 +79,9 @@ def test_native_tts_streams_pcm_in_several_chunks(client):
 
 
 def test_native_speakers_lists_voices(client):
-    assert {"name": "alice", "voice_id": "alice", "kind": "voice"} in client.get("/api/speakers").json()
+    listing = client.get("/api/speakers").json()
+    assert "alice" in listing["speakers"]   # names, as the replaced server's page reads them
+    assert {"name": "alice", "voice_id": "alice", "kind": "voice"} in listing["details"]
 
 
 def test_identical_requests_are_answered_from_the_cache(client):
@@ -169,7 +171,11 @@ def test_upstream_endpoints_with_a_registered_voice_by_get_and_post(client):
 def test_xtts_speakers(server, client):
     assert "alice" in client.get("/speakers_list").json()
     speaker = next(s for s in client.get("/speakers").json() if s["name"] == "alice")
-    assert speaker["voice_id"] == "alice" and speaker["preview_url"].endswith("/api/voices/alice/audio")
+    # the preview link is built from the server's own address (not the Host header) and works
+    assert speaker["voice_id"] == "alice" and speaker["preview_url"] == f"{server.url}/sample/alice.wav"
+    assert speaker["lang"] == "zh-cn"   # guessed from the transcript
+    preview = client.get(speaker["preview_url"])
+    assert preview.status_code == 200 and sf.read(io.BytesIO(preview.content))[1] == 16000
 
 
 def test_xtts_tts_to_audio_returns_a_wav(client):
@@ -193,7 +199,7 @@ def test_openai_models_and_voices(client):
     models = client.get("/v1/models").json()
     assert models["object"] == "list" and [m["id"] for m in models["data"]][:2] == ["cosyvoice2", "tts-1"]
     assert {m["generation"] for m in models["data"]} == {"CosyVoice2"}
-    assert "alice" in client.get("/v1/audio/voices").json()["voices"]
+    assert {"id": "alice", "name": "alice"} in client.get("/v1/audio/voices").json()["voices"]
 
 
 def test_openai_voice_names_mean_the_default_voice_and_instructions_work(client):
@@ -225,3 +231,14 @@ def test_a_seed_beyond_64_bits_is_a_400_in_each_familys_shape(client):
 def test_api_key_is_accepted_as_bearer(server):
     response = httpx.get(server.url + "/v1/models", headers={"Authorization": f"Bearer {API_KEY}"})
     assert response.status_code == 200
+
+
+def test_api_key_in_the_query_for_media_links_and_never_logged(server):
+    """<audio src=...> cannot send headers, so a link may carry ?api_key=KEY."""
+    assert httpx.get(server.url + "/sample/alice.wav", params={"api_key": API_KEY}).status_code == 200
+    streamed = httpx.get(server.url + "/tts_stream", params={**SHORT, "speaker_wav": "alice", "api_key": API_KEY},
+                         timeout=120)
+    assert streamed.status_code == 200 and sf.read(io.BytesIO(streamed.content))[1] == RATE
+    assert_json_error(httpx.get(server.url + "/speakers", params={"api_key": "wrong"}), 401)
+    assert wait_for(lambda: "/tts_stream" in server.stdout())
+    assert API_KEY not in server.stdout() + server.stderr()

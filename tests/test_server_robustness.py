@@ -1,15 +1,21 @@
 """Bad input, load, disconnects and memory, against a real server process on 127.0.0.1."""
 from __future__ import annotations
 
+import io
+import socket
 import threading
+import time
 from collections import Counter
+from pathlib import Path
+from urllib.parse import quote
 
 import httpx
 import numpy as np
 import pytest
+import soundfile as sf
 
-from server_harness import (MAX_QUEUE, MAX_TEXT_CHARS, MAX_UPLOAD_MB, SHORT, WORKERS,
-                                 assert_json_error, prompt_files, wait_for, wav_bytes)
+from server_harness import (API_KEY, MAX_QUEUE, MAX_TEXT_CHARS, MAX_UPLOAD_MB, SHORT, WORKERS,
+                            assert_json_error, prompt_files, wait_for, wav_bytes)
 
 # zero_shot in 'alice' with this seed runs long (many chunks): time enough to walk away mid-stream
 LONG = {"text": "This sentence is long enough to keep the model busy for a good while, chunk after "
@@ -37,6 +43,30 @@ def upload(prompts, name: str) -> dict:
 
 def openai(**fields) -> dict:
     return {"model": "tts-1", "input": "Hello.", "voice": "alice", **fields}
+
+
+def raw_json(client: httpx.Client, path: str, text: str) -> httpx.Response:
+    """POSTs JSON written by hand, so it can hold escapes json.dumps would not write."""
+    return client.post(path, content=text.encode("ascii"), headers={"content-type": "application/json"})
+
+
+# A lone UTF-16 surrogate: a valid JSON escape that no UTF-8 text can hold
+LONE = "\\ud800"
+SURROGATE_BODIES = [
+    ("openai-input", "/v1/audio/speech", f'{{"input": "Hi {LONE}", "voice": "alice"}}'),
+    ("openai-voice", "/v1/audio/speech", f'{{"input": "Hi.", "voice": "x{LONE}"}}'),
+    ("openai-voice-id", "/v1/audio/speech", f'{{"input": "Hi.", "voice": {{"id": "x{LONE}"}}}}'),
+    ("openai-model", "/v1/audio/speech", f'{{"input": "Hi.", "voice": "alice", "model": "{LONE}"}}'),
+    ("openai-format", "/v1/audio/speech", f'{{"input": "Hi.", "voice": "alice", "response_format": "{LONE}"}}'),
+    ("openai-instructions", "/v1/audio/speech", f'{{"input": "Hi.", "voice": "alice", "instructions": "{LONE}"}}'),
+    ("openai-stream-format", "/v1/audio/speech", f'{{"input": "Hi.", "voice": "alice", "stream_format": "{LONE}"}}'),
+    ("openai-key", "/v1/audio/speech", f'{{"input": "Hi.", "voice": "alice", "{LONE}": 1}}'),
+    ("xtts-text", "/tts_to_audio/", '{"text": "Hi \\udc00", "speaker_wav": "alice", "language": "en"}'),
+    ("xtts-speaker", "/tts_to_audio/", f'{{"text": "Hi.", "speaker_wav": "al{LONE}", "language": "en"}}'),
+    ("xtts-language", "/tts_to_audio/", f'{{"text": "Hi.", "speaker_wav": "alice", "language": "{LONE}"}}'),
+    ("st-cosyvoice-text", "/", f'{{"text": "Hi {LONE}", "speaker": "alice"}}'),
+    ("st-cosyvoice-speaker", "/", f'{{"text": "Hi.", "speaker": "{LONE}"}}'),
+]
 
 
 # (id, function(client, prompts) -> response, expected status or None for "some 4xx")
@@ -113,6 +143,33 @@ BAD_INPUTS = [
         "text": "Hi.", "speaker_wav": "nobody.wav", "language": "en"}), 400),
     ("xtts-stream-missing-text", lambda c, p: c.get("/tts_stream", params={"speaker_wav": "alice"}), 422),
     ("unknown-endpoint", lambda c, p: c.get("/no/such/thing"), 404),
+    *[(f"surrogate-{name}", (lambda path, body: lambda c, p: raw_json(c, path, body))(path, body), 400)
+      for name, path, body in SURROGATE_BODIES],
+    ("form-not-utf8", lambda c, p: c.post("/tts", content=b"text=caf%E9", headers={
+        "content-type": "application/x-www-form-urlencoded"}), 400),
+    ("query-not-utf8", lambda c, p: c.get("/inference_sft?tts_text=caf%E9&spk_id=alice"), 400),
+    ("json-not-utf8", lambda c, p: c.post("/v1/audio/speech", content='{"input": "caf\xe9"}'.encode("latin-1"),
+                                          headers={"content-type": "application/json"}), 400),
+    ("xtts-no-speaker-wav", lambda c, p: c.post("/tts_to_audio/", json={"text": "Hi.", "language": "en"}), 422),
+    ("xtts-sample-traversal", lambda c, p: c.get("/sample/..%2F..%2Fetc%2Fpasswd"), None),
+    ("xtts-sample-unknown", lambda c, p: c.get("/sample/nobody.wav"), 404),
+    ("xtts-speed-huge", lambda c, p: c.post("/set_tts_settings", json={"speed": 100}), 400),
+    ("xtts-speed-not-a-number", lambda c, p: c.post("/set_tts_settings", json={"speed": "fast"}), 422),
+    ("xtts-set-output-elsewhere", lambda c, p: c.post("/set_output", json={"output_folder": "/etc"}), 400),
+    ("xtts-switch-model", lambda c, p: c.post("/switch_model", json={"model_name": "v2.0.2"}), 400),
+    ("xtts-file-name-traversal", lambda c, p: c.post("/tts_to_file", json={
+        "text": "Hi.", "speaker_wav": "alice", "language": "en", "file_name_or_path": "../.."}), 400),
+    ("st-cosyvoice-empty-text", lambda c, p: c.post("/", json={"text": "", "speaker": "alice"}), 400),
+    ("st-cosyvoice-unknown-speaker", lambda c, p: c.post("/", json={"text": "Hi.", "speaker": "nobody"}), 400),
+    ("st-cosyvoice-bad-speed", lambda c, p: c.post("/?speed=fast", json={"text": "Hi.", "speaker": "alice"}), 422),
+    ("upstream-get-json-body", lambda c, p: c.request("GET", "/inference_sft", json={"tts_text": "Hi."}), 422),
+    ("json-nested-too-deeply", lambda c, p: c.post("/v1/audio/speech", content=b"[" * 200000 + b"]" * 200000,
+                                                   headers={"content-type": "application/json"}), 400),
+    ("xtts-settings-not-finite", lambda c, p: c.post("/set_tts_settings", content=b'{"temperature": Infinity}',
+                                                     headers={"content-type": "application/json"}), 422),
+    ("openai-speed-nan", lambda c, p: c.post("/v1/audio/speech", content=b'{"input": "Hi.", "speed": NaN}',
+                                             headers={"content-type": "application/json"}), 400),
+    ("openai-voice-object-without-id", lambda c, p: c.post("/v1/audio/speech", json=openai(voice={"name": "x"})), 400),
 ]
 
 
@@ -201,3 +258,128 @@ def test_memory_is_flat_over_1000_small_requests(server):
     print(f"[memory] RSS after 100 requests {rss_100} KiB, after 1000 {rss_1000} KiB "
           f"({100 * (rss_1000 - rss_100) / rss_100:+.2f}%)")
     assert abs(rss_1000 - rss_100) <= 0.05 * rss_100
+
+
+# ---- hardening ------------------------------------------------------------------------------------
+
+def flac_bomb(minutes: int = 30) -> bytes:
+    """A FLAC of silence, 48 kHz stereo: about 0.3 MB that decodes to `minutes` of audio (about
+    1 GB as float32 at 30 minutes), written block by block."""
+    buffer = io.BytesIO()
+    with sf.SoundFile(buffer, "w", 48000, 2, format="FLAC", subtype="PCM_16") as file:
+        block = np.zeros((48000 * 60, 2), dtype=np.int16)
+        for _ in range(minutes):
+            file.write(block)
+    return buffer.getvalue()
+
+
+def peak_rss_rise_kb(server, action) -> int:
+    """How far the server's resident memory rose above its level before `action` at its peak:
+    the kernel's high-water mark, reset first (clear_refs 5), and a 5 ms sampler as a second look."""
+    pid = server.process.pid
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+        hwm_reset = True
+    except OSError:
+        hwm_reset = False
+    before = server.rss_kb()
+    peak, done = [before], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], server.rss_kb())
+            time.sleep(0.005)
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        action()
+    finally:
+        done.set()
+        sampler.join()
+    if hwm_reset:
+        status = Path(f"/proc/{pid}/status").read_text()
+        peak[0] = max(peak[0], int(next(line for line in status.splitlines()
+                                        if line.startswith("VmHWM:")).split()[1]))
+    return peak[0] - before
+
+
+def test_a_decompression_bomb_is_refused_without_decoding_it(server, client):
+    bomb = flac_bomb()
+    assert len(bomb) < 1024 * 1024
+    responses = []
+
+    def send() -> None:
+        responses.append(client.post("/inference_cross_lingual", data={"tts_text": "Hi."},
+                                     files={"prompt_wav": ("bomb.flac", bomb, "audio/flac")}))
+    rise_kb = peak_rss_rise_kb(server, send)
+    print(f"[bomb] {len(bomb) / 1e6:.2f} MB FLAC of 30 min (48 kHz stereo): refused with "
+          f"{responses[0].status_code}; peak RSS rise {rise_kb / 1024:.1f} MB")
+    assert "30 s" in assert_json_error(responses[0], 400)
+    assert rise_kb < 200 * 1024
+
+
+def test_racing_registrations_of_one_name_give_one_201(server, fixture_dir):
+    audio = prompt_files(fixture_dir)[0].read_bytes()
+    start, statuses = threading.Barrier(4), []
+
+    def register() -> None:
+        with server.client() as client:
+            start.wait()
+            statuses.append(client.post("/api/voices", data={"name": "racer"},
+                                        files={"audio": ("a.wav", audio, "audio/wav")}).status_code)
+    threads = [threading.Thread(target=register) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    with server.client() as client:
+        assert client.delete("/api/voices/racer").status_code == 200
+    assert sorted(statuses) == [201, 409, 409, 409], statuses
+
+
+def test_urls_of_a_voice_are_percent_encoded_and_not_built_from_the_host_header(server, client, fixture_dir):
+    name = "x#y %"
+    created = client.post("/api/voices", data={"name": name},
+                          files={"audio": ("a.wav", prompt_files(fixture_dir)[0].read_bytes(), "audio/wav")})
+    assert created.status_code == 201, created.text
+    try:
+        assert created.json()["audio_url"] == "/api/voices/x%23y%20%25/audio"
+        assert client.get(created.json()["audio_url"]).status_code == 200
+        speakers = client.get("/speakers", headers={"Host": "evil.example"}).json()
+        preview = next(speaker["preview_url"] for speaker in speakers if speaker["name"] == name)
+        assert preview == f"{server.url}/sample/x%23y%20%25.wav"
+        assert client.get(preview).status_code == 200
+    finally:
+        assert client.delete(f"/api/voices/{quote(name, safe='')}").status_code == 200
+
+
+def open_stream(server, text: str, seed: int) -> socket.socket:
+    """POST /tts on a raw socket with a tiny receive buffer that is never read: once the socket
+    buffers fill, the server's stream waits on the send and keeps its worker."""
+    body = f"text={quote(text)}&seed={seed}&speaker=alice".encode()
+    connection = socket.socket()
+    connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    connection.connect(("127.0.0.1", server.port))
+    connection.sendall(b"POST /tts HTTP/1.1\r\nHost: 127.0.0.1\r\nX-API-Key: " + API_KEY.encode()
+                       + b"\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: "
+                       + str(len(body)).encode() + b"\r\n\r\n" + body)
+    return connection
+
+
+def test_a_request_whose_client_leaves_while_queued_is_dropped(server):
+    first_chunks = server.metric("cosyvoice_first_chunk_seconds_count")
+    long_text = ("Keep this worker busy with a long sentence that goes on and on, " * 7)[:MAX_TEXT_CHARS]
+    holders = [open_stream(server, long_text, seed) for seed in (21, 22)]
+    try:
+        assert wait_for(lambda: server.metric("cosyvoice_active_generations") == WORKERS)
+        queued = open_stream(server, "Nobody waits for this one.", 23)
+        assert wait_for(lambda: server.metric("cosyvoice_queue_depth") == 1)
+        queued.close()
+        assert wait_for(lambda: server.metric("cosyvoice_queue_depth") == 0, timeout_s=10)
+        assert server.metric("cosyvoice_active_generations") == WORKERS   # still streaming
+    finally:
+        for holder in holders:
+            holder.close()
+    assert wait_for(lambda: server.metric("cosyvoice_active_generations") == 0)
+    # only the two streams computed a first chunk; the dropped request never reached the model
+    assert server.metric("cosyvoice_first_chunk_seconds_count") == first_chunks + WORKERS

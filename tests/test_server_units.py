@@ -23,7 +23,7 @@ from cosyvoice.server.admission import WorkerPool
 from cosyvoice.server.audio_encoding import available_formats, encode_whole, stream_encoder
 from cosyvoice.server import responses
 from cosyvoice.server.cache import ResponseCache
-from cosyvoice.server.errors import ApiError, Overloaded
+from cosyvoice.server.errors import ApiError, ClientGone, Overloaded
 from cosyvoice.server.loader import ModelLoader
 from cosyvoice.server.metrics import Metrics
 from cosyvoice.server.modes import Job, Mode, PromptUpload, open_stream
@@ -120,6 +120,22 @@ def test_settings_refuse_unusable_values(argv):
     with pytest.raises(SystemExit) as exit_info:
         Settings.from_args(argv, environ={})
     assert exit_info.value.code == 2
+
+
+@pytest.mark.parametrize("value, origins", [(None, ["*"]), ("none", []), ("", []),
+                                            ("http://a.example, http://b.example",
+                                             ["http://a.example", "http://b.example"])])
+def test_cors_is_open_to_any_origin_unless_narrowed_or_turned_off(value, origins):
+    argv = ["--model-dir", "m"] + ([] if value is None else ["--cors-origins", value])
+    assert Settings.from_args(argv, environ={}).cors_origin_list == origins
+
+
+@pytest.mark.parametrize("argv, base", [([], "http://127.0.0.1:6006"), (["--host", "0.0.0.0"], ""),
+                                        (["--host", "::1", "--port", "7000"], "http://[::1]:7000"),
+                                        (["--host", "0.0.0.0", "--public-url", "https://box.example/"],
+                                         "https://box.example")])
+def test_links_start_with_the_public_url_or_the_bound_address_or_nothing(argv, base):
+    assert Settings.from_args(["--model-dir", "m", *argv], environ={}).link_base == base
 
 
 def test_server_exits_with_status_1_when_the_model_cannot_load(tmp_path):
@@ -307,6 +323,48 @@ def test_full_queue_answers_503_and_bad_input_400(tmp_path):
             await service.start(job(text=" "))
     asyncio.run(scenario())
     assert sample(service, "cosyvoice_queue_depth") == 0 and sample(service, "cosyvoice_active_generations") == 0
+
+
+def test_a_queued_request_whose_client_left_is_dropped_before_it_gets_a_worker(tmp_path):
+    gate = threading.Semaphore(0)
+    service = ready_service(tmp_path, FakeModel(gate=gate), workers=1, max_queue=2)
+
+    async def scenario() -> None:
+        gate.release()
+        running = await service.start(job())                    # holds the only worker
+        left = asyncio.Event()
+
+        async def gone() -> bool:
+            return left.is_set()
+        queued = asyncio.ensure_future(service.start(job("Queued."), gone=gone))
+        await asyncio.sleep(0.1)
+        assert sample(service, "cosyvoice_queue_depth") == 1
+        left.set()
+        with pytest.raises(ClientGone):
+            await queued
+        assert sample(service, "cosyvoice_queue_depth") == 0
+        running.close()
+    asyncio.run(scenario())
+    assert service._pool._in_flight == 0
+
+
+def test_stopping_refuses_new_requests_and_ends_running_ones_uncached(tmp_path):
+    gate = threading.Semaphore(0)
+    model = FakeModel(chunks=50, gate=gate)
+    service = ready_service(tmp_path, model)
+
+    async def scenario() -> list:
+        gate.release()
+        synthesis = await service.start(job(key=("stopped",)))
+        service.begin_shutdown()
+        for _ in range(5):
+            gate.release()
+        chunks = [chunk async for chunk in synthesis.chunks()]
+        with pytest.raises(Overloaded):
+            await service.start(job("New."))
+        return chunks
+    assert len(asyncio.run(scenario())) == 1 and model.produced == 1
+    assert service.cache.get(("stopped",)) is None
 
 
 def test_repeated_requests_come_from_the_cache(tmp_path):

@@ -1,14 +1,17 @@
 """Admission and the worker threads: `workers` requests run at once, up to `max_queue` more wait,
-and any beyond are refused with 503 and Retry-After. Used from the event loop only."""
+and any beyond are refused with 503 and Retry-After. A waiting request whose client has gone is
+dropped before it gets a worker. Used from the event loop only."""
 from __future__ import annotations
 
 import asyncio
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Awaitable, Callable
 
-from .errors import Overloaded
+from .errors import ClientGone, Overloaded
 from .metrics import Metrics
+
+GONE_POLL_S = 0.2   # how often a queued request checks that its client is still there
 
 
 class Slot:
@@ -34,8 +37,10 @@ class WorkerPool:
         self._in_flight = 0               # admitted requests: running or waiting
         self._running = 0                 # of which running
 
-    async def enter(self) -> Slot:
-        """Admits a request and waits for a free worker. Raises Overloaded when the queue is full."""
+    async def enter(self, gone: Callable[[], Awaitable[bool]] | None = None) -> Slot:
+        """Admits a request and waits for a free worker. Raises Overloaded when the queue is full,
+        and ClientGone when `gone()` turns true while it waits (checked every GONE_POLL_S; it may
+        also raise, e.g. Overloaded when the server is stopping)."""
         limit = self.workers + self.max_queue
         if self._in_flight >= limit:
             self.metrics.rejected.inc()
@@ -44,13 +49,29 @@ class WorkerPool:
         self._in_flight += 1
         self._update_gauges()
         try:
-            await self._slots.acquire()
-        except BaseException:   # cancelled while queued
+            await self._acquire(gone)
+        except BaseException:   # gone, or cancelled, while queued
             self._in_flight -= 1
             self._update_gauges()
             raise
         self._update_gauges(running_delta=1)
         return Slot(self._leave)
+
+    async def _acquire(self, gone: Callable[[], Awaitable[bool]] | None) -> None:
+        if gone is None or not self._slots.locked():
+            return await self._slots.acquire()
+        acquiring = asyncio.ensure_future(self._slots.acquire())
+        try:
+            while not (await asyncio.wait({acquiring}, timeout=GONE_POLL_S))[0]:
+                if await gone():
+                    raise ClientGone()
+            acquiring.result()
+        except BaseException:
+            if not acquiring.done():
+                acquiring.cancel()
+            elif not acquiring.cancelled() and acquiring.exception() is None:
+                self._slots.release()    # a worker came free just as the request gave up
+            raise
 
     @asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:

@@ -9,6 +9,10 @@ Formats: wav (16-bit; streamed with an open-ended header whose sizes are 0xFFFFF
 s16le), mp3 (constant bit rate, so a reader can tell the length without the final header), opus
 (in ogg), flac, and aac (ADTS, only when PyAV is installed). `encode_whole` encodes a complete
 waveform with exact headers, for responses that are not streamed.
+
+FLAC is never streamed (`streamable`): its header's sample count is only known at the end, and a
+FLAC whose count is 0 ("unknown") is refused by libsndfile, so a client saving the stream would
+keep a file soundfile cannot read. Streamed requests for FLAC get the whole file once it is made.
 """
 from __future__ import annotations
 
@@ -31,6 +35,12 @@ SOUNDFILE_FORMATS = {
     "flac": ("FLAC", "PCM_16", {}),
 }
 OPEN_ENDED = 0xFFFFFFFF
+NOT_STREAMABLE = {"flac"}
+
+
+def streamable(name: str) -> bool:
+    """Whether a format can be sent as it is made and still be read whole by a saving client."""
+    return name not in NOT_STREAMABLE
 
 
 @functools.cache
@@ -101,7 +111,8 @@ class SoundfileEncoder(GrowingBuffer):
     """libsndfile writes into a BytesIO; each call returns the bytes added since the last one.
 
     The buffer keeps the whole stream, because libsndfile seeks back to finish the header on close
-    (FLAC's sample count, MP3's info frame); those late patches reach only `encode_whole` callers.
+    (FLAC's sample count, MP3's info frame); those late patches reach only `encode_whole` callers
+    (a streamed MP3 still decodes, with the encoder's padding; FLAC is not streamed).
     """
 
     def __init__(self, sample_rate: int, name: str):

@@ -7,6 +7,7 @@ means a bug and is logged with its traceback.
 from __future__ import annotations
 
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -20,6 +21,8 @@ log = logging.getLogger("cosyvoice.server")
 OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                 409: "invalid_request_error", 413: "invalid_request_error", 422: "invalid_request_error",
                 429: "rate_limit_error", 503: "server_overloaded"}
+# "<_io.BytesIO object at 0x7f...>" and the like, from library messages: noise to a user
+OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
 
 
 class ApiError(Exception):
@@ -39,14 +42,29 @@ class Overloaded(ApiError):
         super().__init__(503, message, {"Retry-After": str(retry_after)})
 
 
+class ClientGone(ApiError):
+    """The client closed its connection while its request waited for a worker (nginx's 499)."""
+
+    def __init__(self):
+        super().__init__(499, "the client closed the connection while its request was queued")
+
+
 def error_response(path: str, status: int, message: str, headers: dict[str, str] | None = None,
                    param: str | None = None) -> JSONResponse:
+    message = _writable(OBJECT_REPR.sub("the upload", message))
+    param = _writable(param) if param is not None else None
     if path.startswith("/v1/") or path == "/v1":
         body = {"error": {"message": message, "type": OPENAI_TYPES.get(status, "api_error"),
                           "param": param, "code": status}}
     else:
         body = {"detail": message}
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _writable(text: str) -> str:
+    """The text with anything UTF-8 cannot hold (lone surrogates from a JSON escape) escaped, so
+    that writing the answer cannot fail whatever the request held."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def describe_validation_error(error: RequestValidationError) -> tuple[str, str | None]:

@@ -34,6 +34,9 @@ class Metrics:
         self.cache_hits = Counter("cosyvoice_cache_hits", "requests answered from the response cache",
                                   registry=r)
         self.ready = Gauge("cosyvoice_ready", "1 once the model is loaded and warmed", registry=r)
+        self.stream_first_audio = Histogram("cosyvoice_stream_first_audio_seconds", "time from a "
+                                            "streaming session's first text to its first audio byte "
+                                            "(WebSocket)", buckets=LATENCY_BUCKETS, registry=r)
 
     def watch_batches(self, llm_steps: list[int] | None, flow_batches: list[int] | None) -> None:
         """Exports the batchers' own counts ([n] = runs that served n requests) at each scrape."""

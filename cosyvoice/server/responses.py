@@ -1,4 +1,9 @@
-"""A started synthesis -> an HTTP response in the asked audio format, streamed or whole."""
+"""A started synthesis -> an HTTP response in the asked audio format, streamed or whole.
+
+A whole response carries exact lengths in its header (and Content-Length). A streamed one is sent
+as it is made, except FLAC (see audio_encoding.streamable), which comes whole. When the server is
+stopping, a stream ends cleanly after the current chunk and a whole response becomes a 503.
+"""
 from __future__ import annotations
 
 import numpy as np
@@ -7,7 +12,8 @@ from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
-from .audio_encoding import MEDIA_TYPES, encode_whole, stream_encoder
+from .audio_encoding import MEDIA_TYPES, encode_whole, stream_encoder, streamable
+from .errors import Overloaded
 from .synthesis import StartedSynthesis
 
 CLIENT_CLOSED_REQUEST = 499   # nginx's status for a client that left before the answer
@@ -24,13 +30,16 @@ def audio_headers(fmt: str, sample_rate: int, from_cache: bool) -> dict[str, str
 async def audio_response(request: Request, synthesis: StartedSynthesis, fmt: str, sample_rate: int,
                          stream: bool) -> Response:
     headers = audio_headers(fmt, sample_rate, synthesis.from_cache)
-    if stream:
+    if stream and streamable(fmt):
         # close() also runs as a background task: the body may be abandoned before it starts
         return StreamingResponse(encoded_chunks(request, synthesis, fmt, sample_rate),
                                  media_type=MEDIA_TYPES[fmt], headers=headers,
                                  background=BackgroundTask(synthesis.close))
     audio = await collect(request, synthesis)
     if audio is None:
+        if synthesis.interrupted:
+            raise Overloaded("the server is shutting down; try again shortly",
+                             request.app.state.settings.retry_after_s)
         # nobody will read it, so skip the encoding; 499 as the access log counts a hang-up
         return Response(status_code=CLIENT_CLOSED_REQUEST)
     # mp3 or opus of a long text takes seconds: off the event loop, other requests keep going
@@ -54,7 +63,13 @@ async def collect(request: Request, synthesis: StartedSynthesis) -> np.ndarray |
 
 
 async def encoded_chunks(request: Request, synthesis: StartedSynthesis, fmt: str, sample_rate: int):
-    """The synthesis's audio encoded in `fmt`, piece by piece as it is made."""
+    """The synthesis's audio encoded in `fmt`, piece by piece as it is made (a format that cannot
+    be streamed comes as one piece at the end)."""
+    if not streamable(fmt):
+        audio = await collect(request, synthesis)
+        if audio is not None:
+            yield await run_in_threadpool(encode_whole, fmt, audio, sample_rate)
+        return
     encoder = stream_encoder(fmt, sample_rate)
     try:
         async for chunk in synthesis.chunks():

@@ -5,14 +5,19 @@ the voice store. `build_service` makes one from the settings.
     async for chunk in synthesis.chunks():    # float32 mono at service.sample_rate
         ...
     synthesis.close()                         # idempotent; stops the model between two chunks
+
+`begin_shutdown()` (on SIGTERM/SIGINT) makes it refuse new requests (503) and end running ones
+after their current chunk.
 """
 from __future__ import annotations
 
+import threading
 import time
-from typing import Callable
+from typing import Awaitable, Callable
 
 from .admission import WorkerPool
 from .cache import ResponseCache
+from .errors import Overloaded
 from .loader import ModelLoader
 from .metrics import Metrics
 from .modes import Job
@@ -30,6 +35,7 @@ class SpeechService:
         self.cache = cache
         self._loader = loader
         self._pool = pool
+        self._stopping = threading.Event()
 
     # ---- the model ---------------------------------------------------------------------------
 
@@ -61,26 +67,48 @@ class SpeechService:
         self._loader.start(on_failure)
 
     def check_ready(self) -> None:
-        """Raises Overloaded (503) until the model is loaded and warmed."""
+        """Raises Overloaded (503) until the model is loaded and warmed, and once stopping."""
+        if self._stopping.is_set():
+            self.metrics.rejected.inc()
+            raise Overloaded("the server is shutting down; try again shortly",
+                             self.settings.retry_after_s)
         self._loader.check_ready()
 
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    def begin_shutdown(self) -> None:
+        """New requests get 503 from now on, and running syntheses end after their current chunk
+        (their responses end cleanly). Safe to call from a signal handler."""
+        self._stopping.set()
+
     def shutdown(self) -> None:
+        self._stopping.set()
         self._pool.shutdown()
 
     # ---- requests ----------------------------------------------------------------------------
 
-    async def start(self, job: Job) -> StartedSynthesis:
+    async def start(self, job: Job, gone: Callable[[], Awaitable[bool]] | None = None) -> StartedSynthesis:
         """Admits the job, waits for a worker, and computes the first chunk (so a bad input is
-        still an HTTP error, not a broken stream). Raises Overloaded, InputError or ApiError."""
+        still an HTTP error, not a broken stream). Raises Overloaded, InputError or ApiError, and
+        ClientGone when `gone()` (e.g. request.is_disconnected) turns true while it is queued."""
         requested = time.perf_counter()
         cached = self.cache.get(job.cache_key) if job.cache_key is not None else None
         if cached is not None:
             self.metrics.cache_hits.inc()
             return CachedSynthesis(cached)
         self.check_ready()
-        slot = await self._pool.enter()
+
+        async def gone_or_stopping() -> bool:
+            self.check_ready()                  # 503 once the server is stopping
+            return gone is not None and await gone()
+        slot = await self._pool.enter(gone_or_stopping)
+        if self.stopping:
+            slot.release()
+            self.check_ready()
         synthesis = Synthesis(job, self._loader.model, self._pool, slot, self.metrics, self.cache,
-                              requested)
+                              requested, self._stopping)
         await synthesis.begin()
         return synthesis
 
@@ -92,10 +120,12 @@ class SpeechService:
                                          audio)
 
 
-def build_service(settings: Settings, model=None) -> SpeechService:
-    """The service for these settings; `model`, when given, is used instead of loading one."""
+def build_service(settings: Settings, model=None, voices: VoiceStore | None = None) -> SpeechService:
+    """The service for these settings; `model`, when given, is used instead of loading one, and
+    `voices` instead of the voice folder's store (serve_ray: the cluster's, ray_voices.py)."""
     metrics = Metrics()
-    voices = VoiceStore(settings.voices_dir, settings.default_voice)
+    if voices is None:
+        voices = VoiceStore(settings.voices_dir, settings.default_voice)
     loader = ModelLoader(settings, metrics, voices, model)
     pool = WorkerPool(settings.workers, settings.max_queue, settings.retry_after_s, metrics)
     cache = ResponseCache(int(settings.cache_mb * 1024 * 1024))

@@ -26,6 +26,9 @@ class Settings:
     model_dir: Path = field(metadata={"help": "model directory, CosyVoice2 or CosyVoice3 (required)"})
     host: str = field(default="127.0.0.1", metadata={"help": "address to bind; 0.0.0.0 to serve every interface"})
     port: int = field(default=6006, metadata={"help": "TCP port (AutoDL publishes 6006)"})
+    grpc_port: int = field(default=0, metadata={
+        "help": "also serve upstream CosyVoice's gRPC service (cosyvoice.CosyVoice/Inference) on this "
+                "port, same host; 0: off"})
     device: str = field(default="cpu", metadata={
         "help": "torch device: cuda or cpu (fast_server.py with TensorRT-LLM: default cuda)"})
     dtype: str = field(default="auto", metadata={
@@ -37,8 +40,15 @@ class Settings:
     default_voice: str = field(default="default", metadata={
         "help": "voice used when a request names none (else the first registered)"})
     api_key: str = field(default="", metadata={
-        "help": "require this key (Authorization: Bearer or X-API-Key) on all but /health and /ready"})
-    cors_origins: str = field(default="", metadata={"help": "comma-separated origins allowed by CORS; empty: CORS off"})
+        "help": "require this key (Authorization: Bearer, X-API-Key, or an api_key query parameter "
+                "for media links) on all but /health, /ready and the web page"})
+    cors_origins: str = field(default="*", metadata={
+        "help": "origins allowed by CORS: * (any, the default: browser clients such as SillyTavern "
+                "run on their own origin), a comma-separated list, or none"})
+    public_url: str = field(default="", metadata={
+        "help": "the URL clients reach this server at (e.g. https://u1-6006.autodl.pro), for the "
+                "preview links of /speakers; empty: http://HOST:PORT when bound to one address, "
+                "else links relative to the server"})
     workers: int = field(default=0, metadata={
         "help": "requests synthesised at the same time (their LLM steps and, on a GPU, flow passes are "
                 "batched); 0: 8 on a GPU, 2 on a CPU"})
@@ -68,7 +78,20 @@ class Settings:
 
     @property
     def cors_origin_list(self) -> list[str]:
-        return [origin.strip() for origin in self.cors_origins.split(",") if origin.strip()]
+        """The allowed origins; [] (CORS off) for 'none' or an empty value."""
+        origins = [origin.strip() for origin in self.cors_origins.split(",") if origin.strip()]
+        return [] if origins in ([], ["none"]) else origins
+
+    @property
+    def link_base(self) -> str:
+        """What links the server hands out start with: the public URL, else this address when
+        bound to one (not to every interface), else "" (links relative to the server)."""
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        if self.host in ("0.0.0.0", "::", ""):
+            return ""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None, environ: dict[str, str] | None = None,
@@ -122,6 +145,9 @@ class Settings:
             problems.append(f"--log-level must be one of {', '.join(LOG_LEVELS)}, not {self.log_level!r}")
         if not 0 < self.port < 65536:
             problems.append(f"--port must be between 1 and 65535, not {self.port}")
+        if not 0 <= self.grpc_port < 65536 or self.grpc_port == self.port:
+            problems.append(f"--grpc-port must be 0 (off) or a port between 1 and 65535 other than "
+                            f"--port, not {self.grpc_port}")
         for name in ("workers", "max_text_chars"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name.replace('_', '-')} must be at least 1")

@@ -13,6 +13,7 @@ MIN_SPEED, MAX_SPEED = 0.25, 4.0
 MAX_SEED = 2**63 - 1
 # Control characters other than tab and newlines mean binary junk, not text to speak.
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ufffe\uffff]")
+SURROGATES = re.compile("[\ud800-\udfff]")   # from JSON escapes; no UTF-8 text holds them
 
 
 def check_text(text: str | None, max_chars: int, what: str = "text") -> str:
@@ -22,6 +23,8 @@ def check_text(text: str | None, max_chars: int, what: str = "text") -> str:
         raise ApiError(400, f"the {what} has {len(text)} characters; the limit is {max_chars}")
     if CONTROL_CHARACTERS.search(text):
         raise ApiError(400, f"the {what} contains control characters; send plain UTF-8 text")
+    if SURROGATES.search(text):
+        raise ApiError(400, f"the {what} is not valid Unicode (lone UTF-16 surrogates); send UTF-8 text")
     if not any(character.isalnum() for character in text):
         raise ApiError(400, f"the {what} has nothing to speak (only punctuation or symbols)")
     return text

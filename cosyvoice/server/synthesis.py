@@ -1,6 +1,7 @@
 """One admitted synthesis from its first chunk to its end: chunks are computed one call at a time
 on a worker thread, and a closed synthesis makes no further call, so a client that leaves stops
-its synthesis within one chunk."""
+its synthesis within one chunk. So does a server that is stopping: the synthesis ends early,
+`interrupted`, and its response ends cleanly."""
 from __future__ import annotations
 
 import logging
@@ -26,10 +27,12 @@ class Synthesis:
     from_cache = False
 
     def __init__(self, job: Job, model, pool: WorkerPool, slot: Slot, metrics: Metrics,
-                 cache: ResponseCache, requested: float):
+                 cache: ResponseCache, requested: float, stopping: threading.Event | None = None):
         self.job = job
         self.completed = False
         self.failed = False
+        self.interrupted = False                # ended early because the server is stopping
+        self._stopping = stopping or threading.Event()
         self._model = model
         self._pool = pool
         self._slot = slot
@@ -69,6 +72,9 @@ class Synthesis:
         with self._lock:
             if self._closed.is_set():
                 return None
+            if self._stopping.is_set():
+                self.interrupted = True
+                return None
             chunk = next(self._iterator, None)
         self._compute_seconds += time.perf_counter() - started
         return chunk
@@ -81,7 +87,7 @@ class Synthesis:
                 self._record(chunk)
                 yield chunk
                 chunk = await self._pool.call(self._step)
-            self.completed = not self._closed.is_set()
+            self.completed = not self._closed.is_set() and not self.interrupted
         except Exception:
             self.failed = True
             log.exception("synthesis failed in the middle of a response; the stream is cut")
@@ -126,6 +132,7 @@ class CachedSynthesis:
     """A finished synthesis's chunks answering an identical request; holds no worker."""
 
     from_cache = True
+    interrupted = False
 
     def __init__(self, chunks: list[np.ndarray]):
         self.completed = False

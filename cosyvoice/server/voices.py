@@ -6,6 +6,7 @@ or refused with a 409 when that audio is gone.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ import numpy as np
 import soundfile as sf
 
 from ..errors import InputError
-from ..frontend.audio import AudioError, load_audio
+from ..frontend.audio import AudioError
 from ..voice import Voice
 from .errors import ApiError
 
@@ -28,11 +29,15 @@ log = logging.getLogger("cosyvoice.server")
 STORE_FOLDER = ".store"
 IMPORT_PATTERN = re.compile(r"\[(?P<name>[^\[\]]+)\](?P<text>.*)")
 AUDIO_SUFFIXES = {".wav", ".flac", ".mp3", ".ogg"}
-# A name becomes a file name: no separators, brackets, wildcards or control characters.
-FORBIDDEN_IN_NAME = re.compile(r"[\x00-\x1f\x7f/\\\[\]:*?\"<>|]")
+# A name becomes a file name: no separators, brackets, wildcards, control characters or text
+# UTF-8 cannot hold.
+FORBIDDEN_IN_NAME = re.compile(r"[\x00-\x1f\x7f/\\\[\]:*?\"<>|\ud800-\udfff]")
 MAX_NAME_CHARS = 64
 MAX_NAME_BYTES = 200
 SILENCE_PEAK = 1e-4   # a prompt whose loudest sample is below this has nothing to imitate
+MAX_PROMPT_SECONDS = 30.0    # the runtime refuses longer prompts (frontend/speech_models.py)
+MAX_PROMPT_RATE = 192_000    # Hz; beyond any recording meant as a voice prompt
+DECODE_BLOCK = 1 << 20       # samples (frames x channels) decoded at a time
 
 
 def check_name(name: str) -> str:
@@ -49,9 +54,42 @@ def check_name(name: str) -> str:
     return name
 
 
-def read_prompt(audio: bytes) -> tuple[np.ndarray, int]:
-    """Decodes prompt audio (any libsndfile format); refuses silence. Raises AudioError (a 400)."""
-    samples, rate = load_audio(audio)
+def read_prompt(audio: bytes, max_seconds: float = MAX_PROMPT_SECONDS) -> tuple[np.ndarray, int]:
+    """Decodes prompt audio (any libsndfile format) to mono float32, block by block, and stops
+    after `max_seconds` whatever the header claims: a small file that expands to hours (FLAC of
+    silence, a low-bitrate MP3) costs no more memory than a prompt at the limit. Refuses longer
+    audio, unreadable data and silence. Raises AudioError (a 400)."""
+    pieces, frames = [], 0
+    try:
+        with sf.SoundFile(io.BytesIO(audio)) as file:
+            rate, channels = file.samplerate, file.channels
+            if not 0 < rate <= MAX_PROMPT_RATE:
+                raise AudioError(f"the prompt audio's sample rate is {rate} Hz; send a recording "
+                                 f"of at most {MAX_PROMPT_RATE} Hz")
+            limit = int(max_seconds * rate)
+            block = max(1, DECODE_BLOCK // channels)
+            while frames <= limit:
+                data = file.read(min(block, limit + 1 - frames), dtype="float32", always_2d=True)
+                if not len(data):
+                    break
+                pieces.append(data.mean(axis=1, dtype=np.float32))
+                frames += len(data)
+    except AudioError:
+        raise
+    except sf.LibsndfileError as error:
+        raise AudioError(f"the prompt audio could not be read ({error.error_string.strip()}); "
+                         "send WAV, FLAC, MP3 or OGG") from None
+    except (RuntimeError, TypeError, ValueError) as error:   # soundfile's own checks
+        raise AudioError(f"the prompt audio could not be read ({error}); "
+                         "send WAV, FLAC, MP3 or OGG") from None
+    if frames > limit:
+        raise AudioError(f"the prompt audio is longer than {max_seconds:g} s; send 3 to "
+                         f"{max_seconds:g} s of clear speech")
+    if frames == 0:
+        raise AudioError("the prompt audio is empty")
+    samples = np.concatenate(pieces)
+    if not np.all(np.isfinite(samples)):
+        raise AudioError("the prompt audio contains NaN or infinite samples")
     if float(np.max(np.abs(samples))) < SILENCE_PEAK:
         raise AudioError("the prompt audio is silent; record a few seconds of clear speech")
     return samples, rate
@@ -96,6 +134,7 @@ class VoiceStore:
         self.default_name = default_name
         self.generation: str | None = None   # the model's, once open()
         self._voices: dict[str, StoredVoice] = {}
+        self._registering: set[str] = set()   # names being prepared by register()
         self._lock = threading.Lock()
 
     # ---- start -----------------------------------------------------------------------------------
@@ -227,10 +266,19 @@ class VoiceStore:
         return stored
 
     def register(self, tts, name: str, prompt_text: str, audio: bytes) -> VoiceInfo:
-        """Prepares and saves a voice (slow: run it off the event loop). A taken name is refused
-        by the caller (409 in routers/native.py)."""
+        """Prepares and saves a voice (slow: run it off the event loop). A name that is taken, or
+        being registered by another request, is a 409: the name is claimed under the lock before
+        the voice is prepared, so of racing registrations exactly one succeeds."""
         check_name(name)
-        return self._add(tts, name, prompt_text.strip(), audio, source="api").info
+        with self._lock:
+            if name in self._voices or name in self._registering:
+                raise ApiError(409, f"a voice named '{name}' exists; delete it first")
+            self._registering.add(name)
+        try:
+            return self._add(tts, name, prompt_text.strip(), audio, source="api").info
+        finally:
+            with self._lock:
+                self._registering.discard(name)
 
     def delete(self, name: str) -> None:
         stored = self.get(name)

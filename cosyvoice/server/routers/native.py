@@ -1,11 +1,14 @@
 """The native API (compatible with the server this project replaces) and the voices API.
 
     POST /tts                form text, speaker -> raw s16le PCM, streamed
-    GET  /api/speakers       registered voices and built-in speakers
+    GET  /api/speakers       {"speakers": [names]} (the replaced server's shape), and "details":
+                             [{name, voice_id, kind}] for registered voices and built-in speakers
     GET  /api/voices         registered voices;  POST (multipart name, prompt_text, audio) adds one
     DELETE /api/voices/{name}, GET /api/voices/{name}/audio
 """
 from __future__ import annotations
+
+from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.responses import FileResponse, Response
@@ -13,7 +16,7 @@ from fastapi.responses import FileResponse, Response
 from ..audio_encoding import check_format
 from ..errors import ApiError
 from ..responses import audio_response
-from ..schemas import SpeakerOut, VoiceOut
+from ..schemas import SpeakerOut, SpeakersOut, VoiceOut
 from ..service import SpeechService
 from ..speech import job_for_voice
 from ..voices import VoiceInfo, check_name
@@ -35,20 +38,26 @@ async def tts(request: Request,
     check_format(format)
     job = job_for_voice(service, text, speaker or None, instruct=instruct, speed=speed, seed=seed,
                         stream=stream)
-    synthesis = await service.start(job)
+    synthesis = await service.start(job, gone=request.is_disconnected)
     return await audio_response(request, synthesis, format, service.sample_rate, stream)
 
 
-@router.get("/api/speakers", response_model=list[SpeakerOut], summary="voices and built-in speakers")
-def speakers(service: SpeechService = Depends(ready_service)) -> list[SpeakerOut]:
+@router.get("/api/speakers", response_model=SpeakersOut, summary="voices and built-in speakers")
+def speakers(service: SpeechService = Depends(ready_service)) -> SpeakersOut:
     voices = [SpeakerOut(name=info.name, voice_id=info.name, kind="voice") for info in service.voices.list()]
     builtin = [SpeakerOut(name=name, voice_id=name, kind="builtin") for name in service.speaker_names]
-    return voices + builtin
+    details = voices + builtin
+    return SpeakersOut(speakers=[speaker.name for speaker in details], details=details)
+
+
+def voice_audio_path(name: str) -> str:
+    """The path of a voice's prompt audio, the name percent-encoded ('x#y' -> /api/voices/x%23y/audio)."""
+    return f"/api/voices/{quote(name, safe='')}/audio"
 
 
 def voice_out(info: VoiceInfo) -> VoiceOut:
     return VoiceOut(name=info.name, prompt_text=info.prompt_text, created=info.created,
-                    source=info.source, audio_url=f"/api/voices/{info.name}/audio")
+                    source=info.source, audio_url=voice_audio_path(info.name))
 
 
 @router.get("/api/voices", response_model=list[VoiceOut], summary="registered voices")

@@ -1,8 +1,11 @@
 """The OpenAI speech API; errors have OpenAI's shape (see errors.py).
 
-    POST /v1/audio/speech   {model, input, voice, response_format, speed, instructions, stream,
-                             stream_format: "audio" (the file's bytes) or "sse" (OpenAI's events)}
-    GET  /v1/models (the loaded generation, e.g. "cosyvoice2", and OpenAI's TTS names), GET /v1/audio/voices
+    POST /v1/audio/speech   {model, input, voice (a name or {"id": name}), response_format, speed,
+                             instructions, stream, stream_format: "audio" (the file's bytes) or
+                             "sse" (OpenAI's events)}
+    GET  /v1/models (the loaded generation, e.g. "cosyvoice2", and OpenAI's TTS names)
+    GET  /v1/audio/voices -> {"voices": [{"id", "name"}]}, GET /v1/audio/models -> {"models": [{"id"}]}
+         (the shapes Open WebUI reads)
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ OPENAI_MODEL_IDS = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts")
 # OpenAI's own voice names: clients often offer only these, so unless a voice of that name is
 # registered they mean the default voice.
 OPENAI_VOICES = {"alloy", "ash", "ballad", "coral", "echo", "fable", "onyx", "nova", "sage",
-                 "shimmer", "verse"}
+                 "shimmer", "verse", "marin", "cedar"}
 STREAM_FORMATS = ("audio", "sse")
 
 
@@ -44,7 +47,7 @@ async def speech(body: OpenAISpeechRequest, request: Request,
                  service: SpeechService = Depends(ready_service)) -> Response:
     fmt = check_format(body.response_format)
     stream_format = check_stream_format(body.stream_format)
-    voice = body.voice
+    voice = body.voice if isinstance(body.voice, str) else body.voice.id
     if voice in OPENAI_VOICES and voice not in {info.name for info in service.voices.list()}:
         voice = "default"
     job = job_for_voice(service, body.input, voice, instruct=body.instructions or "", speed=body.speed,
@@ -52,8 +55,9 @@ async def speech(body: OpenAISpeechRequest, request: Request,
     if stream_format == "sse":
         # counted before start(): from there on the synthesis holds a worker until it is closed
         usage = token_usage(service.count_text_tokens(body.input))
-        return sse_response(request, await service.start(job), fmt, service.sample_rate, usage)
-    synthesis = await service.start(job)
+        synthesis = await service.start(job, gone=request.is_disconnected)
+        return sse_response(request, synthesis, fmt, service.sample_rate, usage)
+    synthesis = await service.start(job, gone=request.is_disconnected)
     return await audio_response(request, synthesis, fmt, service.sample_rate, body.stream)
 
 
@@ -90,15 +94,23 @@ def sse_event(payload: dict) -> bytes:
     return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n".encode("utf-8")
 
 
+def model_ids(service: SpeechService) -> tuple[str, ...]:
+    generation = service.generation
+    return ((generation.lower(),) if generation else ()) + OPENAI_MODEL_IDS
+
+
 @router.get("/models")
 def models(service: SpeechService = Depends(service_of)) -> dict:
-    generation = service.generation
-    ids = ((generation.lower(),) if generation else ()) + OPENAI_MODEL_IDS
     return {"object": "list", "data": [{"id": model_id, "object": "model", "created": 0,
-                                        "owned_by": "cosyvoice-deploy", "generation": generation}
-                                       for model_id in ids]}
+                                        "owned_by": "cosyvoice-deploy", "generation": service.generation}
+                                       for model_id in model_ids(service)]}
 
 
-@router.get("/audio/voices")
+@router.get("/audio/models", summary="speech models, as Open WebUI reads them")
+def audio_models(service: SpeechService = Depends(service_of)) -> dict:
+    return {"models": [{"id": model_id} for model_id in model_ids(service)]}
+
+
+@router.get("/audio/voices", summary="registered voices, as Open WebUI reads them")
 def voices(service: SpeechService = Depends(service_of)) -> dict:
-    return {"voices": [info.name for info in service.voices.list()]}
+    return {"voices": [{"id": info.name, "name": info.name} for info in service.voices.list()]}

@@ -15,14 +15,18 @@ def health(service: SpeechService = Depends(service_of)) -> dict:
     return {"status": "ok", "model": service.state, "generation": service.generation}
 
 
-@router.get("/ready", summary="200 once the model is loaded and warmed, 503 before")
+@router.get("/ready", summary="200 once the model is loaded and warmed, 503 before and while stopping")
 def ready(service: SpeechService = Depends(service_of)) -> JSONResponse:
-    if service.state == "ready":
+    if service.state == "ready" and not service.stopping:
         return JSONResponse({"status": "ready", "sample_rate": service.sample_rate,
                              "generation": service.generation})
-    detail = "the model failed to load; see the server log" if service.state == "failed" \
-        else "the model is loading"
-    return JSONResponse({"status": service.state, "detail": detail}, status_code=503,
+    if service.stopping:
+        status, detail = "stopping", "the server is shutting down"
+    else:
+        status = service.state
+        detail = "the model failed to load; see the server log" if status == "failed" \
+            else "the model is loading"
+    return JSONResponse({"status": status, "detail": detail}, status_code=503,
                         headers={"Retry-After": str(service.settings.retry_after_s)})
 
 

@@ -1,8 +1,10 @@
 """The upstream CosyVoice runtime API: raw s16le PCM at the model's rate, streamed.
 
-Each endpoint answers GET (query parameters) and POST (form fields, `prompt_wav` as a file).
-Where upstream takes `prompt_wav`, a registered voice may be named in `spk_id` instead; `spk_id`
-of /inference_sft is a built-in speaker or a registered voice. Extensions: `speed`, `seed`.
+Each endpoint answers GET and POST, with query parameters and/or form fields (urlencoded or
+multipart, `prompt_wav` as a file) in the body: upstream's own client.py sends its form in the
+body of a GET. Where upstream takes `prompt_wav`, a registered voice may be named in `spk_id`
+instead; `spk_id` of /inference_sft is a built-in speaker or a registered voice. Extensions:
+`speed`, `seed`.
 
     /inference_sft            tts_text, spk_id
     /inference_zero_shot      tts_text, prompt_text, prompt_wav
@@ -28,14 +30,17 @@ from . import ready_service
 router = APIRouter(tags=["upstream CosyVoice"])
 
 
+FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+
+
 async def read_params(request: Request) -> tuple[UpstreamParams, bytes | None]:
-    """Query parameters (GET) or form fields (POST), validated; and the prompt_wav upload if any."""
+    """Query parameters and form fields (whatever the method; form fields win), validated; and the
+    prompt_wav upload if any."""
     fields, upload = dict(request.query_params), None
-    if request.method == "POST":
-        content_type = request.headers.get("content-type", "")
-        if content_type and not content_type.startswith(("multipart/form-data",
-                                                          "application/x-www-form-urlencoded")):
-            raise ApiError(415, f"send form fields (multipart/form-data or urlencoded), not {content_type}")
+    content_type = request.headers.get("content-type", "")
+    if content_type and not content_type.startswith(FORM_TYPES) and request.method == "POST":
+        raise ApiError(415, f"send form fields (multipart/form-data or urlencoded), not {content_type}")
+    if content_type.startswith(FORM_TYPES):
         form = await request.form()
         for key, value in form.multi_items():
             if isinstance(value, UploadFile):
@@ -50,7 +55,7 @@ async def read_params(request: Request) -> tuple[UpstreamParams, bytes | None]:
 
 
 async def respond(request: Request, service: SpeechService, job: Job) -> Response:
-    synthesis = await service.start(job)
+    synthesis = await service.start(job, gone=request.is_disconnected)
     return await audio_response(request, synthesis, "pcm", service.sample_rate, stream=True)
 
 
