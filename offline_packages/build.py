@@ -155,7 +155,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Builds offline_packages.zip and pretrained_models.zip for autodl_deploy.sh.")
     parser.add_argument("--out", help="output folder for the two zips")
     parser.add_argument("--profile", choices=locks.PROFILE_NAMES, default="torch",
-                        help="torch: server.py; trtllm: adds TensorRT-LLM and MPI (default torch)")
+                        help="torch: server.py; trtllm: adds TensorRT-LLM and MPI; ray: adds Ray Serve "
+                             "(python -m cosyvoice.serve_ray) (default torch)")
     parser.add_argument("--python-version", default="3.10",
                         help="target CPython major.minor (default 3.10; ttsfrd needs 3.10)")
     parser.add_argument("--platform", default="x86_64-manylinux_2_31",

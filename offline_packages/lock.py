@@ -11,7 +11,7 @@ from pathlib import Path
 from .common import HERE, REPO, BuildError, Target, run, source_args, uv_env
 
 PROFILES = HERE / "profiles"
-PROFILE_NAMES = ("torch", "trtllm")
+PROFILE_NAMES = ("torch", "trtllm", "ray")
 
 
 def read_profile(profile: str) -> list[str]:

@@ -24,7 +24,7 @@ COMMON_FIELDS = {
     "builder_version": (str, "build.py's version, for people"),
     "created": (str, "when it was built, ISO 8601 UTC"),
     "demo": (bool, "built with --demo: this machine's wheels, tiny random models"),
-    "profile": (str, "torch or trtllm"),
+    "profile": (str, "torch, trtllm or ray (torch with Ray Serve)"),
     "python_version": (str, "the target CPython, major.minor"),
     "arch": (str, "the target machine, e.g. x86_64"),
     "platform": (str, "uv's target platform, e.g. x86_64-manylinux_2_31, or host for --demo"),
