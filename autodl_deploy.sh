@@ -40,6 +40,8 @@ SKIP_GPU_CHECK="${COSYVOICE_SKIP_GPU_CHECK:-0}"
 LOG_LINES="${COSYVOICE_LOG_LINES:-100}"
 UV_CACHE="${COSYVOICE_UV_CACHE_DIR:-}"
 FOLLOW=0
+LOCK_WAIT=60        # seconds a deploy waits for another one working on the same install
+DISK_FULL_MB=16     # a disk with less free space than this is full
 
 # --- state, filled in by setup_paths and read_bundles -----------------------------------------
 LOG=""
@@ -49,7 +51,10 @@ CHECK_MODE="strict"   # strict: a failed check ends the run; report: doctor list
 PROBLEMS=0
 PKG_ZIP="" MODELS_ZIP="" PKG_MANIFEST="" MODELS_MANIFEST="" PKG_ID="" MODELS_ID=""
 STATE_DIR="" RUN_DIR="" LOG_DIR="" PKG_DIR="" MODELS_DIR="" VOICES_DIR="" ENVS_DIR=""
-VENV="" UV="" PID_FILE="" SERVER_LOG=""
+VENV="" UV="" PID_FILE="" ID_FILE="" SERVER_LOG="" LOCK_FILE=""
+LOCK_PID="" LOCK_IN="" LOCK_OUT=""   # the helper that holds the deploy lock (take_lock)
+INSTALL_PROBLEM=""                  # why INSTALL_DIR cannot be written (doctor lists it)
+SERVER_UNTRACKED=""                 # a server of this install found without its pid file
 
 usage() {
     cat <<EOF
@@ -101,7 +106,9 @@ Flags (environment variable in brackets; every verb takes every flag):
   -h, --help           this text
 
 Files: INSTALL_DIR/logs/deploy-*.log (full log of each run), INSTALL_DIR/logs/server.log,
-INSTALL_DIR/run/server.pid, INSTALL_DIR/.state/ (step markers; delete one to redo that step).
+INSTALL_DIR/run/server.pid and server.id (the server's pid, start time and boot: a pid file that
+does not match is stale and never signalled), INSTALL_DIR/.state/ (step markers; delete one to
+redo that step). A failed or interrupted run leaves nothing to clean up by hand: rerun it.
 EOF
 }
 
@@ -109,7 +116,8 @@ EOF
 
 log() {
     if [[ -n "$LOG" ]]; then
-        printf '%s %s\n' "$(date '+%F %T')" "$*" >>"$LOG"
+        # A full disk must not turn logging into a failure of its own.
+        { printf '%s %s\n' "$(date '+%F %T')" "$*" >>"$LOG"; } 2>/dev/null || true
     fi
 }
 
@@ -128,11 +136,25 @@ warn() {
     log "warning: $*"
 }
 
+# q WORD: WORD quoted for the shell, so a printed command or path can be pasted as it is.
+q() {
+    printf '%q' "$1"
+}
+
+# quote_words WORD...: the words as one pasteable command line.
+quote_words() {
+    local word line=""
+    for word in "$@"; do
+        line+="${line:+ }$(q "$word")"
+    done
+    printf '%s' "$line"
+}
+
 # err SENTENCE: the one line a user sees for any failure, then exit 1.
 err() {
     log "error: $1"
     if [[ -n "$LOG" && "$LOG" != /dev/null ]]; then
-        printf 'error: %s (full log: %s)\n' "$1" "$LOG" >&2
+        printf 'error: %s (full log: %s)\n' "$1" "$(q "$LOG")" >&2
     else
         printf 'error: %s\n' "$1" >&2
     fi
@@ -145,27 +167,72 @@ on_error() {
         exit "$status"   # in a subshell: the shell that ran it reports
     fi
     trap - ERR
+    fail_if_disk_full   # most unforeseen failures of a step are a full disk
     err "step '$STEP' failed unexpectedly: '$command' exited with status $status (line $line)"
 }
 
 on_exit() {
+    local status=$?
+    if ((status != 0)) && [[ -n "$LOCK_PID" ]]; then
+        # A failed run leaves none of its unfinished folders behind to fill the disk.
+        remove_leftovers || true
+    fi
+    release_lock || true
     if [[ -n "$WORK" && -d "$WORK" ]]; then
         rm -rf -- "$WORK"
     fi
 }
 
-# logged CMD...: runs a command with its output going to the log; returns its status.
+# logged CMD...: runs a command (stdin closed: nothing may prompt) with its output going to the
+# log, and kept in $WORK/command.out (off the install's disk) to read its messages; returns its
+# status.
 logged() {
+    local out="" status=0
     log "\$ $*"
-    "$@" >>"$LOG" 2>&1
+    if [[ -n "$WORK" && -d "$WORK" ]]; then
+        out="$WORK/command.out"
+    fi
+    if [[ -z "$out" ]]; then
+        { "$@" >>"$LOG" 2>&1 </dev/null; } 2>/dev/null || status=$?
+        return "$status"
+    fi
+    "$@" >"$out" 2>&1 </dev/null || status=$?
+    { cat "$out" >>"$LOG"; } 2>/dev/null || true
+    return "$status"
 }
 
-# ensure SENTENCE CMD...: runs a command (output to the log); on failure prints SENTENCE.
+# last_output: the last non-empty line the last logged command printed.
+last_output() {
+    if [[ -n "$WORK" && -f "$WORK/command.out" ]]; then
+        grep -v '^ *$' "$WORK/command.out" | tail -n 1 | sed 's/^ *//' | cut -c1-160 || true
+    fi
+}
+
+# ensure SENTENCE CMD...: runs a command (output to the log); on failure prints SENTENCE, or says
+# that the disk is full when that is why.
 ensure() {
     local sentence=$1
     shift
     if ! logged "$@"; then
+        fail_if_disk_full "${WORK:+$WORK/command.out}"
         err "$sentence"
+    fi
+}
+
+# write_file PATH TEXT: PATH holds TEXT (a line), written beside it and renamed into place.
+write_file() {
+    if ! { printf '%s\n' "$2" >"$1.tmp" && mv -f -- "$1.tmp" "$1"; } 2>/dev/null; then
+        rm -f -- "$1.tmp" 2>/dev/null || true
+        fail_if_disk_full
+        err "cannot write $(q "$1"): check that $(q "$(dirname "$1")") is writable"
+    fi
+}
+
+# make_dirs DIR...: the folders exist, or the run stops with why (a full disk named as such).
+make_dirs() {
+    if ! mkdir -p -- "$@" 2>/dev/null; then
+        fail_if_disk_full
+        err "cannot create $(quote_words "$@"): check that $(q "$INSTALL_DIR") is writable"
     fi
 }
 
@@ -187,6 +254,16 @@ passed() {
     log "ok $1"
 }
 
+# remark SENTENCE: worth knowing, not a failure (doctor lists it; other verbs print a note).
+remark() {
+    if [[ "$CHECK_MODE" == report ]]; then
+        printf '  note  %s\n' "$1"
+        log "note $1"
+    else
+        note "$1"
+    fi
+}
+
 mb() {
     printf '%d' $(($1 / 1048576))
 }
@@ -199,14 +276,196 @@ sha256_text() {
     sha256sum | cut -c1-64
 }
 
-# test_hold STEP: a test hook. With COSYVOICE_DEPLOY_TEST_HOLD=STEP the run stops here, as if
-# killed in the middle of STEP, so a test can kill it and check that the rerun recovers.
+# test_hold STEP: a test hook. With COSYVOICE_DEPLOY_TEST_HOLD=STEP the run stops here (in the
+# middle of STEP, or before it for before-STEP) and writes .state/hold-STEP: a test may kill it
+# there and check that the rerun recovers, or change something (fill the disk) and delete the
+# file to let the run go on.
 test_hold() {
+    local hold waited=0
     if [[ "${COSYVOICE_DEPLOY_TEST_HOLD:-}" == "$1" ]]; then
-        : >"$STATE_DIR/hold-$1"
-        log "test hold in $1"
-        sleep 3600
+        hold="$STATE_DIR/hold-$1"
+        : >"$hold"
+        log "test hold in $1 (until $hold is removed)"
+        while [[ -e "$hold" ]] && ((waited < 36000)); do
+            sleep 0.1
+            waited=$((waited + 1))
+        done
     fi
+}
+
+# --- disks -------------------------------------------------------------------------------------
+
+# existing_dir PATH: PATH, or its nearest parent that exists.
+existing_dir() {
+    local dir=$1
+    while [[ ! -d "$dir" ]]; do
+        dir=$(dirname "$dir")
+    done
+    printf '%s' "$dir"
+}
+
+# free_mb DIR: free megabytes on the filesystem that DIR is (or will be) on.
+free_mb() {
+    df -Pk "$(existing_dir "$1")" | awk 'NR == 2 {printf "%d", $4 / 1024}'
+}
+
+# mount_point DIR: where the filesystem holding DIR is mounted (the disk, for people).
+mount_point() {
+    local dir target
+    dir=$(existing_dir "$1")
+    if ! target=$(df --output=target "$dir" 2>/dev/null | sed -n 2p) || [[ -z "$target" ]]; then
+        target=$(df -P "$dir" | awk 'NR == 2 {print $6}')
+    fi
+    printf '%s' "$target"
+}
+
+# same_disk A B: A and B are (or will be) on one filesystem.
+same_disk() {
+    [[ "$(stat -c %d "$(existing_dir "$1")")" == "$(stat -c %d "$(existing_dir "$2")")" ]]
+}
+
+# full_disk [OUTPUT]: prints a folder whose disk is full and succeeds when the install's disk,
+# uv's cache or the temporary folder has (almost) no space left, or when OUTPUT (a command's
+# messages) reports ENOSPC or an exceeded quota: then the least free of them.
+full_disk() {
+    local dir free least="" least_free=""
+    for dir in "$INSTALL_DIR" "$UV_CACHE" "${WORK:-${TMPDIR:-/tmp}}"; do
+        if [[ -z "$dir" ]] || ! free=$(free_mb "$dir" 2>/dev/null) || [[ -z "$free" ]]; then
+            continue
+        fi
+        if ((free < DISK_FULL_MB)); then
+            printf '%s' "$dir"
+            return 0
+        fi
+        if [[ -z "$least_free" ]] || ((free < least_free)); then
+            least=$dir least_free=$free
+        fi
+    done
+    if [[ -n "${1:-}" && -f "${1:-}" && -n "$least" ]] && grep -q -i -e 'no space left on device' \
+        -e 'disk full' -e 'os error 28' -e 'ENOSPC' -e 'disk quota exceeded' -e 'os error 122' "$1"; then
+        printf '%s' "$least"
+        return 0
+    fi
+    return 1
+}
+
+# disk_full_sentence DIR: the one line for the full disk DIR is on (after removing what the
+# failed step left).
+disk_full_sentence() {
+    local dir=$1 free need amounts advice="free some space there or use a bigger data disk (--data-dir)"
+    free=$(free_mb "$dir")
+    need=$(space_needed_mb "$dir")
+    if [[ -n "$need" ]] && ((need > free)); then
+        amounts="$free MB free, $need MB needed"
+    else
+        amounts="$free MB free, more needed"
+    fi
+    if ! same_disk "$dir" "$INSTALL_DIR"; then
+        if [[ "$dir" == "$UV_CACHE" ]]; then
+            advice="free some space there, or pass --uv-cache-dir with a folder on a disk with room"
+        else
+            advice="free some space there, or set TMPDIR to a folder on a disk with room"
+        fi
+    fi
+    printf 'the disk at %s is full (step %s): %s: %s, then rerun the same command' \
+        "$(q "$(mount_point "$dir")")" "$STEP" "$amounts" "$advice"
+}
+
+# fail_if_disk_full [OUTPUT]: when a disk is full, remove what this run left unfinished and stop
+# with the sentence that says so; otherwise return.
+fail_if_disk_full() {
+    local dir
+    if dir=$(full_disk "${1:-}"); then
+        if [[ -n "$LOCK_PID" ]]; then
+            remove_leftovers || true
+        fi
+        err "$(disk_full_sentence "$dir")"
+    fi
+    return 0
+}
+
+# space_needed_mb DIR: megabytes the steps still to run need on DIR's disk (headroom included);
+# nothing when it is not a disk the install writes to.
+space_needed_mb() {
+    if [[ ! -f "$PKG_MANIFEST" || ! -f "$MODELS_MANIFEST" ]]; then
+        return 0
+    fi
+    if same_disk "$1" "$INSTALL_DIR"; then
+        install_need_mb
+    elif same_disk "$1" "$UV_CACHE" && ! marker_done wheels "$(env_key)"; then
+        printf '%d' "$(mb "$(pkg install_size)")"
+    fi
+}
+
+# install_need_mb: megabytes the steps still to run write on the install's disk, plus the
+# headroom. The wheels take twice their size (uv's cache and the environment), less what the
+# cache already holds when it is on the same disk.
+install_need_mb() {
+    local need=0 install cached=0
+    if ! marker_done packages "$PKG_ID"; then
+        need=$((need + $(pkg unpacked_size)))
+    fi
+    if ! marker_done uv "$PKG_ID"; then
+        # The binary unpacks to about 2.3 times its wheel; 3 to be safe.
+        need=$((need + 3 * $(manifest_size "$PKG_MANIFEST" "$(pkg uv_wheel)")))
+    fi
+    if ! marker_done python "$(python_key)"; then
+        need=$((need + $(pkg python_size)))
+    fi
+    if ! marker_done wheels "$(env_key)"; then
+        install=$(pkg install_size)
+        need=$((need + install))
+        if same_disk "$UV_CACHE" "$INSTALL_DIR"; then
+            if [[ -d "$UV_CACHE" ]]; then
+                cached=$(($(du -sk "$UV_CACHE" 2>/dev/null | cut -f1 || printf 0) * 1024))
+            fi
+            need=$((need + install - (cached < install ? cached : install)))
+        fi
+    fi
+    if ! marker_done models "$MODELS_ID"; then
+        need=$((need + $(models unpacked_size) + $(models install_size)))
+    fi
+    printf '%d' $(($(mb "$need") + DISK_HEADROOM_MB))
+}
+
+# leftover_paths: what interrupted or failed runs left unfinished (temporary folders, files and
+# environments nothing uses): a deploy removes them before it measures the disk.
+leftover_paths() {
+    local path active="" current=""
+    for path in "$PKG_DIR.tmp" "$PKG_DIR.old" "$MODELS_DIR.tmp" "$MODELS_DIR.old" \
+        "$INSTALL_DIR/python.tmp" "$UV.tmp" "$UV.tmp.d" "$VENV.tmp" "$MODELS_DIR/CosyVoice-ttsfrd/resource.tmp" \
+        "$STATE_DIR"/*.tmp "$RUN_DIR"/*.tmp "$VOICES_DIR"/*.tmp; do
+        if [[ -e "$path" || -L "$path" ]]; then
+            printf '%s\n' "$path"
+        fi
+    done
+    if [[ -d "$ENVS_DIR" && -f "$PKG_MANIFEST" ]]; then
+        active=$(readlink "$VENV" 2>/dev/null || true)
+        current=$(env_dir)
+        for path in "$ENVS_DIR"/*; do
+            if [[ -d "$path" && "$path" != "$active" && "$path" != "$current" ]]; then
+                printf '%s\n' "$path"
+            fi
+        done
+    fi
+}
+
+leftovers_mb() {
+    local paths=()
+    mapfile -t paths < <(leftover_paths)
+    if ((${#paths[@]} == 0)); then
+        printf 0
+        return 0
+    fi
+    du -sck -- "${paths[@]}" 2>/dev/null | awk 'END {printf "%d", $1 / 1024}' || printf 0
+}
+
+remove_leftovers() {
+    local path
+    while IFS= read -r path; do
+        log "removing the leftover $path"
+        rm -rf -- "$path" 2>/dev/null || true
+    done < <(leftover_paths)
 }
 
 # --- manifests (one field per line, one file per line: readable with sed) ---------------------
@@ -226,6 +485,13 @@ manifest_get() {
 # manifest_sums FILE: "sha256  path" lines for sha256sum -c.
 manifest_sums() {
     sed -n 's/^    {"path": "\(.*\)", "sha256": "\([0-9a-f]\{64\}\)", "size": [0-9]\{1,\}},\{0,1\}$/\2  \1/p' "$1"
+}
+
+# manifest_size FILE PATH: the size in bytes the manifest lists for PATH (0 when not listed).
+manifest_size() {
+    local size
+    size=$(grep -F -- "{\"path\": \"$2\", " "$1" | sed -n 's/.*"size": \([0-9]\{1,\}\)}.*/\1/p' | sed -n 1p || true)
+    printf '%d' "${size:-0}"
 }
 
 # manifest_paths FILE: the paths alone (after the 64 hex digits and two spaces).
@@ -263,8 +529,7 @@ marker_done() {
 }
 
 mark_done() {
-    printf '%s\n' "$2" >"$STATE_DIR/$1.done.tmp"
-    mv -f "$STATE_DIR/$1.done.tmp" "$STATE_DIR/$1.done"
+    write_file "$STATE_DIR/$1.done" "$2"
 }
 
 # run_step NAME KEY FUNCTION: runs FUNCTION unless NAME is already done for KEY.
@@ -283,6 +548,7 @@ run_step() {
     say "$name"
     started=$(now)
     rm -f "$STATE_DIR/$name.done"
+    test_hold "before-$name"
     "$@"
     mark_done "$name" "$key"
     note "$name done in $(($(now) - started)) s"
@@ -290,13 +556,16 @@ run_step() {
 
 # --- paths and bundles -------------------------------------------------------------------------
 
-# A path as given, made absolute against the directory the script was started in (the server
-# and later steps run elsewhere, so relative paths would point somewhere else).
+# absolute PATH: PATH as given, made absolute and canonical (no `..`, no symbolic links) against
+# the directory the script was started in: the server and later runs start elsewhere, and a
+# folder named on the way (a/b in a/b/../data) may be gone by then.
 absolute() {
-    case "$1" in
-        /*) printf '%s' "$1" ;;
-        *) printf '%s/%s' "$PWD" "${1#./}" ;;
+    local path=$1
+    case "$path" in
+        /*) ;;
+        *) path="$PWD/${path#./}" ;;
     esac
+    realpath -m -- "$path" 2>/dev/null || printf '%s' "$path"
 }
 
 setup_paths() {
@@ -312,15 +581,71 @@ setup_paths() {
     ENVS_DIR="$INSTALL_DIR/envs"
     VENV="$INSTALL_DIR/venv"
     UV="$INSTALL_DIR/bin/uv"
-    UV_CACHE="${UV_CACHE:-$INSTALL_DIR/cache/uv}"
+    UV_CACHE="$(absolute "${UV_CACHE:-$INSTALL_DIR/cache/uv}")"
     PID_FILE="$RUN_DIR/server.pid"
+    ID_FILE="$RUN_DIR/server.id"
     SERVER_LOG="$LOG_DIR/server.log"
+    LOCK_FILE="$INSTALL_DIR/.deploy.lock"
     PKG_ZIP="$BUNDLE_DIR/$PACKAGES_ZIP_NAME"
     MODELS_ZIP="$BUNDLE_DIR/$MODELS_ZIP_NAME"
+    if [[ "$PYTHON_REQUEST" == */* ]]; then
+        PYTHON_REQUEST="$(absolute "$PYTHON_REQUEST")"
+    fi
 }
 
+# make_work_dir: a temporary folder for the run's small files (manifests, command output), off the
+# install's disk.
 make_work_dir() {
-    WORK=$(mktemp -d "${TMPDIR:-/tmp}/cosyvoice-deploy.XXXXXX")
+    local tmp=${TMPDIR:-/tmp}
+    if (($(free_mb "$tmp") < DISK_FULL_MB)); then
+        err "the disk at $(q "$(mount_point "$tmp")") (TMPDIR $(q "$tmp")) is full: $(free_mb "$tmp") MB free, $DISK_FULL_MB MB needed: free some space there, or set TMPDIR to a folder on a disk with room"
+    fi
+    if ! WORK=$(mktemp -d "$tmp/cosyvoice-deploy.$$.XXXXXX" 2>/dev/null); then
+        WORK=""
+        err "cannot create a temporary folder in $(q "$tmp"): set TMPDIR to a writable folder"
+    fi
+    remove_old_work_dirs "$tmp"
+}
+
+# remove_old_work_dirs TMP: the temporary folders of runs that were killed (their pid, in the
+# name, is gone).
+remove_old_work_dirs() {
+    local dir pid
+    for dir in "$1"/cosyvoice-deploy.*.*; do
+        pid=${dir#"$1"/cosyvoice-deploy.}
+        pid=${pid%%.*}
+        if [[ -d "$dir" && "$pid" =~ ^[0-9]+$ && "$pid" != "$$" ]] && ! kill -0 "$pid" 2>/dev/null; then
+            rm -rf -- "$dir" 2>/dev/null || true
+        fi
+    done
+}
+
+# install_dir_problem: a sentence when INSTALL_DIR cannot be created or written; nothing (and
+# success) when it can.
+install_dir_problem() {
+    local output probe="$INSTALL_DIR/.write-test.$$"
+    if output=$(mkdir -p -- "$LOG_DIR" "$STATE_DIR" "$RUN_DIR" 2>&1) &&
+        output=$({ : >"$probe" && rm -f -- "$probe"; } 2>&1); then
+        return 0
+    fi
+    rm -f -- "$probe" 2>/dev/null || true
+    case "$output" in
+        *"Read-only file system"*)
+            printf '%s is on a read-only file system: pass --data-dir (or --install-dir) with a folder on a writable disk (on AutoDL the data disk /root/autodl-tmp)' "$(q "$INSTALL_DIR")"
+            ;;
+        *"No space left"* | *"quota exceeded"*)
+            printf 'the disk at %s is full: %s MB free: free some space there or use a bigger data disk (--data-dir), then rerun the same command' \
+                "$(q "$(mount_point "$INSTALL_DIR")")" "$(free_mb "$INSTALL_DIR")"
+            ;;
+        *"Permission denied"*)
+            printf 'you may not write to %s (permission denied): run as root, or pass --install-dir with a folder you own' "$(q "$INSTALL_DIR")"
+            ;;
+        *)
+            printf 'cannot create or write %s (%s): pass --install-dir with a writable folder' \
+                "$(q "$INSTALL_DIR")" "$(printf '%s' "$output" | tail -n 1 | sed 's/.*: //')"
+            ;;
+    esac
+    return 1
 }
 
 open_log() {
@@ -329,60 +654,198 @@ open_log() {
         return 0
     fi
     if [[ ! -d "$DATA_DIR" && -z "$INSTALL_DIR_GIVEN" ]]; then
-        err "the data directory $DATA_DIR does not exist: pass --data-dir with your data disk (on AutoDL /root/autodl-tmp)"
+        err "the data directory $(q "$DATA_DIR") does not exist: pass --data-dir with your data disk (on AutoDL /root/autodl-tmp)"
     fi
-    if ! mkdir -p "$LOG_DIR" "$STATE_DIR" "$RUN_DIR"; then
-        err "cannot create $INSTALL_DIR: pass --install-dir with a writable folder"
+    if ! INSTALL_PROBLEM=$(install_dir_problem); then
+        LOG=/dev/null
+        if [[ "$CHECK_MODE" == report ]]; then
+            return 0   # doctor lists it with the rest
+        fi
+        err "$INSTALL_PROBLEM"
     fi
     LOG="$LOG_DIR/$1-$(date +%Y%m%d-%H%M%S)-$$.log"
-    : >"$LOG"
+    { : >"$LOG"; } 2>/dev/null || true
     log "autodl_deploy.sh $SCRIPT_VERSION $VERB: data=$DATA_DIR install=$INSTALL_DIR bundle=$BUNDLE_DIR backend=$BACKEND host=$HOST port=$PORT demo=$DEMO online=$ONLINE"
 }
 
+# --- the deploy lock ---------------------------------------------------------------------------
+# One autodl_deploy.sh at a time changes an install. The lock is held by a small helper (flock,
+# with cat waiting on a pipe from this shell) instead of a descriptor of this shell, which
+# everything the script starts would inherit: a killed run's orphan (uv, the server) would go on
+# holding it. The helper's pipe is close-on-exec here (a bash coprocess), so when this shell ends,
+# however it ends, cat sees the end of its input, flock exits and the lock is free.
+
+# lock_with FLOCK_OPTION...: 0 when the lock is now held, 1 when another holds it, 2 when the
+# lock file cannot be opened.
+lock_with() {
+    local answer=""
+    coproc LOCK_HOLDER {
+        if flock "$@" -o "$LOCK_FILE" sh -c 'echo locked; exec cat >/dev/null' 2>/dev/null; then
+            exit 0
+        else
+            echo "busy $?"
+            exec cat >/dev/null
+        fi
+    }
+    LOCK_PID=$LOCK_HOLDER_PID LOCK_OUT=${LOCK_HOLDER[0]} LOCK_IN=${LOCK_HOLDER[1]}
+    read -r answer <&"$LOCK_OUT" || true
+    if [[ "$answer" == locked ]]; then
+        return 0
+    fi
+    release_lock
+    if [[ "$answer" == "busy 1" ]]; then
+        return 1
+    fi
+    return 2
+}
+
+# release_lock: closes the helper's input: cat ends, flock exits and frees the lock (waited for
+# up to 2 s, so that a run started right after this one finds it free).
+release_lock() {
+    local waited=0
+    if [[ -n "$LOCK_PID" ]]; then
+        exec {LOCK_IN}>&- {LOCK_OUT}<&-
+        while kill -0 "$LOCK_PID" 2>/dev/null && ((waited < 20)); do
+            sleep 0.1
+            waited=$((waited + 1))
+        done
+        if ! kill -0 "$LOCK_PID" 2>/dev/null; then
+            wait "$LOCK_PID" 2>/dev/null || true
+        fi
+        LOCK_PID="" LOCK_IN="" LOCK_OUT=""
+    fi
+}
+
+# describe_pid PID: "pid N (its command line)", shortened.
+describe_pid() {
+    local cmdline
+    cmdline=$(proc_cmdline "$1")
+    if ((${#cmdline} > 100)); then
+        cmdline="${cmdline:0:97}..."
+    fi
+    printf 'pid %s (%s)' "$1" "${cmdline:-gone}"
+}
+
+# lock_holder: the process holding the lock: the autodl_deploy.sh whose helper holds it, else
+# the holder itself (an orphan of an older script); nothing when none is visible here.
+lock_holder() {
+    local pid ancestor depth found=""
+    pid=$(find /proc/[0-9]*/fd -maxdepth 1 -lname "$LOCK_FILE" 2>/dev/null | cut -d/ -f3 |
+        grep -v -x -e "$$" -e "$BASHPID" | sed -n 1p || true)
+    if [[ -z "$pid" ]]; then
+        return 0
+    fi
+    # flock's parent is a fork of the script (same command line), its parent the script.
+    ancestor=$pid
+    for depth in 1 2 3 4; do
+        if [[ "$(proc_cmdline "$ancestor")" == *autodl_deploy.sh* ]]; then
+            found=$ancestor
+        elif [[ -n "$found" ]]; then
+            break
+        fi
+        ancestor=$(proc_field "$ancestor" ppid) || break
+        log "lock holder $pid: ancestor $depth is $ancestor"
+    done
+    printf '%s' "${found:-$pid}"
+}
+
+# lock_sentence PID: who holds the lock, for people.
+lock_sentence() {
+    if [[ -z "$1" ]]; then
+        printf 'another autodl_deploy.sh is working on %s (its process is not visible here)' "$(q "$INSTALL_DIR")"
+    elif [[ "$(proc_cmdline "$1")" == *autodl_deploy.sh* ]]; then
+        printf 'another autodl_deploy.sh is working on %s: %s' "$(q "$INSTALL_DIR")" "$(describe_pid "$1")"
+    else
+        printf "the deploy lock of %s is held by %s, which is not an autodl_deploy.sh: a leftover of an interrupted run (an older script let it inherit the lock); stop it (kill %s) and rerun" \
+            "$(q "$INSTALL_DIR")" "$(describe_pid "$1")" "$1"
+    fi
+}
+
 take_lock() {
-    exec 9>"$INSTALL_DIR/.deploy.lock"
-    if ! flock -n 9; then
-        note "another autodl_deploy.sh is working on $INSTALL_DIR: waiting up to 60 s for it"
-        if ! flock -w 60 9; then
-            err "another autodl_deploy.sh is still working on $INSTALL_DIR: wait for it to finish (its log is in $LOG_DIR), or stop it"
+    local status=0 holder
+    if ! { : >>"$LOCK_FILE"; } 2>/dev/null; then
+        fail_if_disk_full
+        err "cannot create the lock file $(q "$LOCK_FILE"): pass --install-dir with a writable folder"
+    fi
+    lock_with -n || status=$?
+    if ((status == 1)); then
+        holder=$(lock_holder)
+        if [[ -n "$holder" && "$(proc_cmdline "$holder")" != *autodl_deploy.sh* ]]; then
+            err "$(lock_sentence "$holder")"
+        fi
+        note "$(lock_sentence "$holder"): waiting up to $LOCK_WAIT s for it"
+        status=0
+        lock_with -w "$LOCK_WAIT" || status=$?
+        if ((status == 1)); then
+            holder=$(lock_holder)
+            if [[ -n "$holder" && "$(proc_cmdline "$holder")" == *autodl_deploy.sh* ]]; then
+                err "$(lock_sentence "$holder") and still is after $LOCK_WAIT s: wait for it to finish (its log is in $(q "$LOG_DIR")), or stop it (kill $holder)"
+            fi
+            err "$(lock_sentence "$holder")"
         fi
     fi
+    if ((status == 2)); then
+        err "cannot lock $(q "$LOCK_FILE") (flock failed): check that $(q "$INSTALL_DIR") is on a local, writable disk"
+    fi
+    log "deploy lock held by helper pid $LOCK_PID"
 }
 
 # zip_failure ZIP OUTPUT_FILE: the sentence for an unreadable zip.
 zip_failure() {
     local name
     name=$(basename "$1")
+    # Our zips are written whole by Python's zipfile: no leading bytes, one end record. "Extra
+    # bytes" means unzip took the end record of a wheel stored inside for the zip's own: the
+    # real one was cut off.
     if grep -q -i -e 'end-of-central-directory' -e 'zipfile directory' -e 'zipfile is empty' \
-        -e 'not a zipfile' -e 'truncated' -e 'missing [0-9]* bytes' -e 'attempt to seek' "$2"; then
-        printf '%s is incomplete or not a zip file (truncated upload?): upload it again and compare its size with the original' "$name"
+        -e 'not a zipfile' -e 'truncated' -e 'missing [0-9]* bytes' -e 'attempt to seek' \
+        -e 'extra bytes at beginning or within zipfile' -e 'start of central directory not found' \
+        -e 'central file header signature not found' -e 'unexpected end of file' \
+        -e 'bad zipfile offset' "$2"; then
+        printf '%s is incomplete or not a zip file (truncated upload?): upload it again and compare its size (%s bytes here) with the original' \
+            "$name" "$(stat -c %s "$1" 2>/dev/null || printf '?')"
     elif grep -q -i 'bad CRC' "$2"; then
         printf '%s is corrupt (%s): upload it again' "$name" \
             "$(grep -i -m 1 'bad CRC' "$2" | tr -s ' ' | sed 's/^ //; s/ $//')"
+    elif grep -q -i -e 'incorrect password' -e 'encrypted' "$2"; then
+        printf '%s is password-protected, which bundles never are: upload the zip that offline_packages/build.py wrote' "$name"
     else
         printf '%s cannot be read (%s): upload it again' "$name" \
-            "$(grep -v '^ *$' "$2" | tail -n 1 | sed 's/^ *//')"
+            "$(grep -v -e '^ *$' -e '^ *(' -e '^Archive:' "$2" | sed -n 1p | sed 's/^ *//' | cut -c1-160)"
     fi
 }
 
+# unzip_batch ARGS...: unzip that can never prompt (no password, no "continue?" on a full disk:
+# it answers no and exits 50).
+unzip_batch() {
+    unzip -P '' "$@" </dev/null
+}
+
 # read_manifest ZIP KIND INSTALLED_COPY OUT: the manifest from the zip, or from the install
-# when the zip was removed after a finished deploy.
+# when the zip was removed after a finished deploy. Returns 3 when the zip is not there.
 read_manifest() {
     local zip=$1 kind=$2 installed=$3 out=$4 output mismatch
     output="$WORK/unzip-manifest.out"
     if [[ -f "$zip" ]]; then
-        if ! unzip -p "$zip" manifest.json >"$out" 2>"$output"; then
-            cat "$output" >>"$LOG"
-            if unzip -Z1 "$zip" >"$WORK/names" 2>>"$output" && ! grep -q -x 'manifest.json' "$WORK/names"; then
-                err "$(basename "$zip") has no manifest.json: it is not a bundle of offline_packages/build.py; rebuild it"
+        if ! unzip_batch -p "$zip" manifest.json >"$out" 2>"$output"; then
+            cat "$output" >>"$LOG" 2>/dev/null || true
+            rm -f "$out"
+            if unzip -Z1 "$zip" >"$WORK/names" 2>>"$output" </dev/null &&
+                ! grep -q -x 'manifest.json' "$WORK/names" &&
+                ! grep -q -i -e 'extra bytes' -e 'signature not found' "$output"; then
+                problem "$(basename "$zip") has no manifest.json: it is not a bundle of offline_packages/build.py; rebuild it"
+                return 0
             fi
-            err "$(zip_failure "$zip" "$output")"
+            problem "$(zip_failure "$zip" "$output")"
+            return 0
+        fi
+        if [[ ! -s "$out" ]]; then
+            fail_if_disk_full   # unzip -p does not notice that its output could not be written
         fi
     elif [[ -f "$installed" && -f "$STATE_DIR/$kind.done" ]]; then
         cp "$installed" "$out"
     else
-        problem "$(basename "$zip") is not in $(dirname "$zip"): upload it there, or pass --bundle-dir with the folder that holds it"
-        return 0
+        return 3
     fi
     mismatch=$(manifest_mismatch "$out" "$(basename "$zip")" "$kind")
     if [[ -n "$mismatch" ]]; then
@@ -391,11 +854,58 @@ read_manifest() {
     fi
 }
 
+# near_matches NAME: files that look like the zip NAME under another name (a browser's
+# "offline_packages (1).zip", another case, an unfinished upload), in the usual upload folders.
+near_matches() {
+    local name=$1 stem pattern dir
+    stem=${name%.zip}
+    pattern="*${stem%%_*}*${stem#*_}*"
+    for dir in "$BUNDLE_DIR" "$DATA_DIR" "$PWD" "${HOME:-/root}"; do
+        if [[ -d "$dir" ]]; then
+            find "$dir" -maxdepth 2 -type f -iname "$pattern" ! -name '*.manifest.json' \
+                ! -path "$INSTALL_DIR/*" 2>/dev/null || true
+        fi
+    done | grep -v -x -F -e "$BUNDLE_DIR/$name" | awk '!seen[$0]++' | sed -n 1,3p || true
+}
+
+# missing_zips_sentence NAME...: the zips that are not in BUNDLE_DIR, named at once, with any
+# file that looks like one of them.
+missing_zips_sentence() {
+    local names="" name found hints=""
+    for name in "$@"; do
+        names+="${names:+ and }$name"
+        while IFS= read -r found; do
+            if [[ -n "$found" ]]; then
+                hints+="; $(q "$found") looks like $name: if it is, $(quote_words mv -- "$found" "$BUNDLE_DIR/$name")"
+            fi
+        done < <(near_matches "$name")
+    done
+    if (($# == 1)); then
+        printf '%s is not in %s: upload it there, or pass --bundle-dir with the folder that holds it%s' \
+            "$names" "$(q "$BUNDLE_DIR")" "$hints"
+    else
+        printf '%s are not in %s: upload them there, or pass --bundle-dir with the folder that holds them%s' \
+            "$names" "$(q "$BUNDLE_DIR")" "$hints"
+    fi
+}
+
 read_bundles() {
+    local missing=() status
     PKG_MANIFEST="$WORK/packages.manifest.json"
     MODELS_MANIFEST="$WORK/models.manifest.json"
-    read_manifest "$PKG_ZIP" packages "$PKG_DIR/manifest.json" "$PKG_MANIFEST"
-    read_manifest "$MODELS_ZIP" models "$MODELS_DIR/manifest.json" "$MODELS_MANIFEST"
+    status=0
+    read_manifest "$PKG_ZIP" packages "$PKG_DIR/manifest.json" "$PKG_MANIFEST" || status=$?
+    if ((status == 3)); then
+        missing+=("$PACKAGES_ZIP_NAME")
+    fi
+    status=0
+    read_manifest "$MODELS_ZIP" models "$MODELS_DIR/manifest.json" "$MODELS_MANIFEST" || status=$?
+    if ((status == 3)); then
+        missing+=("$MODELS_ZIP_NAME")
+    fi
+    if ((${#missing[@]} > 0)); then
+        problem "$(missing_zips_sentence "${missing[@]}")"
+    fi
     if [[ -f "$PKG_MANIFEST" ]]; then
         PKG_ID=$(sha256_text <"$PKG_MANIFEST")
     fi
@@ -522,38 +1032,25 @@ version_ge() {
     [[ "$(printf '%s\n%s\n' "$1" "$2" | sort -V | sed -n 1p)" == "$2" ]]
 }
 
-# free_mb DIR: free megabytes on the filesystem that DIR is (or will be) on.
-free_mb() {
-    local dir=$1
-    while [[ ! -d "$dir" ]]; do
-        dir=$(dirname "$dir")
-    done
-    df -Pk "$dir" | awk 'NR == 2 {printf "%d", $4 / 1024}'
-}
-
 check_disk() {
-    local need=0 free
+    local need free reclaim=0 extra=""
     if [[ ! -f "$PKG_MANIFEST" || ! -f "$MODELS_MANIFEST" ]]; then
         return 0
     fi
-    if ! marker_done packages "$PKG_ID"; then
-        need=$((need + $(pkg unpacked_size)))
-    fi
-    if ! marker_done python "$(python_key)"; then
-        need=$((need + $(pkg python_size)))
-    fi
-    if ! marker_done wheels "$(env_key)"; then
-        need=$((need + 2 * $(pkg install_size)))   # uv's cache + the environment
-    fi
-    if ! marker_done models "$MODELS_ID"; then
-        need=$((need + $(models unpacked_size) + $(models install_size)))
-    fi
-    need=$(($(mb "$need") + DISK_HEADROOM_MB))
-    free=$(free_mb "$INSTALL_DIR")
-    if ((free < need)); then
-        problem "not enough free disk space for $INSTALL_DIR: $free MB free, $need MB needed (including $DISK_HEADROOM_MB MB headroom): free some space, or pass --data-dir/--install-dir on a bigger disk (on AutoDL, expand the data disk)"
+    if [[ -n "$LOCK_PID" && "$DRY_RUN" != 1 ]]; then
+        remove_leftovers   # what an interrupted run left is not in anyone's way any more
     else
-        passed "disk: $free MB free, $need MB needed"
+        reclaim=$(leftovers_mb)
+        if ((reclaim > 0)); then
+            extra=" + $reclaim MB of leftovers of an interrupted run, which deploy removes"
+        fi
+    fi
+    need=$(install_need_mb)
+    free=$(free_mb "$INSTALL_DIR")
+    if ((free + reclaim < need)); then
+        problem "not enough free disk space for $(q "$INSTALL_DIR") (the disk at $(q "$(mount_point "$INSTALL_DIR")")): $free MB free$extra, $need MB needed (including $DISK_HEADROOM_MB MB headroom): free some space, or pass --data-dir/--install-dir on a bigger disk (on AutoDL, expand the data disk)"
+    else
+        passed "disk: $free MB free$extra, $need MB needed"
     fi
 }
 
@@ -612,12 +1109,48 @@ port_open() {
     timeout 3 bash -c "exec 3<>/dev/tcp/127.0.0.1/$1" 2>>"${LOG:-/dev/null}"
 }
 
-# port_taken: what to say when another program holds $PORT (preflight and start).
+# port_taken: what to say when another program holds $PORT (preflight and start): which one,
+# when it is visible here.
 port_taken() {
-    printf '%s' "port $PORT is already in use by another program (see: ss -ltnp | grep :$PORT): stop it, or pass --port with a free port (AutoDL publishes 6006 and 6008)"
+    local pid holders="" first=""
+    for pid in $(port_listeners "$PORT"); do
+        holders+="${holders:+, }$(describe_pid "$pid")"
+        first=${first:-$pid}
+        if ((${#holders} > 200)); then
+            break
+        fi
+    done
+    if [[ -n "$holders" ]]; then
+        printf '%s' "port $PORT is already in use by $holders, not by this install's server: stop that program (kill $first) if you may, or pass --port with a free port (AutoDL publishes 6006 and 6008)"
+    else
+        printf '%s' "port $PORT is already in use by another program (see: ss -ltnp | grep :$PORT): stop it, or pass --port with a free port (AutoDL publishes 6006 and 6008)"
+    fi
+}
+
+# known_server: the pid of this install's server: the one its pid file names, or one found
+# without it (settle_server report); nothing when none runs.
+known_server() {
+    if server_running; then
+        server_pid
+    else
+        printf '%s' "$SERVER_UNTRACKED"
+    fi
+}
+
+# our_port: our server (or one of its processes) is what listens on $PORT.
+our_port() {
+    local pid ours
+    ours=$(known_server)
+    for pid in $(port_listeners "$PORT"); do
+        if [[ -n "$ours" && "$(proc_field "$pid" sid || true)" == "$ours" ]]; then
+            return 0
+        fi
+    done
+    return 1
 }
 
 check_port() {
+    local mode=report
     if [[ "$NO_START" == 1 ]]; then
         return 0
     fi
@@ -625,63 +1158,150 @@ check_port() {
         problem "--port $PORT is not a port number: pass --port 6006"
         return 0
     fi
-    if port_open "$PORT" && ! server_running; then
-        problem "$(port_taken)"
-    else
+    if [[ -n "$LOCK_PID" && "$DRY_RUN" != 1 ]]; then
+        mode=fix
+    fi
+    settle_server "$mode"
+    if ! port_open "$PORT"; then
         passed "port $PORT"
+    elif our_port; then
+        passed "port $PORT: this install's server (pid $(known_server)) listens on it"
+    elif [[ -z "$(port_listeners "$PORT")" && -n "$(known_server)" ]]; then
+        passed "port $PORT: in use, presumably by this install's server"
+    else
+        problem "$(port_taken)"
     fi
 }
 
 check_backend() {
+    local name
     case "$BACKEND" in
         torch) ;;
         trtllm)
             if [[ -f "$PKG_MANIFEST" && "$(pkg profile)" != trtllm ]]; then
                 problem "--backend trtllm needs a bundle of the trtllm profile but this one is '$(pkg profile)': rebuild with build.py --profile trtllm, or use --backend torch"
+                return 0
             fi
             ;;
-        *) problem "--backend $BACKEND is unknown: use torch or trtllm" ;;
+        *)
+            problem "--backend $BACKEND is unknown: use torch or trtllm"
+            return 0
+            ;;
     esac
+    if [[ ! -f "$PKG_MANIFEST" || "$NO_START" == 1 ]]; then
+        return 0
+    fi
+    name=$(basename "$(launcher)")
+    if [[ ",$(pkg launchers)," != *",$name,"* ]]; then
+        problem "$(launcher_missing)"
+    else
+        passed "backend $BACKEND ($name)"
+    fi
 }
 
-check_python_request() {
+# launcher_missing: the sentence for a bundle without the launcher the backend needs.
+launcher_missing() {
+    if [[ "$BACKEND" == trtllm ]]; then
+        printf '%s' "fast_server.py is not in this bundle (the TensorRT-LLM server is not part of it yet): deploy with --backend torch, or rebuild the bundle from a checkout that has fast_server.py"
+    else
+        printf '%s' "server.py is not in this bundle: rebuild it with offline_packages/build.py from a checkout that has server.py"
+    fi
+}
+
+# check_python: the Python the environment will be built on exists, checked before anything is
+# unpacked (the bundled one, a system one of the bundle's version, or the one --python names).
+check_python() {
     local want found
-    if [[ ! -f "$PKG_MANIFEST" || -z "$PYTHON_REQUEST" ]]; then
+    if [[ ! -f "$PKG_MANIFEST" ]]; then
         return 0
     fi
     want=$(pkg python_version)
+    if marker_done python "$(python_key)" && [[ -x "$(python_path)" ]]; then
+        passed "Python $want: $(python_path) (installed)"
+        return 0
+    fi
     case "$PYTHON_REQUEST" in
+        "")
+            if [[ -n "$(pkg python_standalone)" ]]; then
+                passed "Python $want: bundled"
+            else
+                check_system_python "$want"
+            fi
+            ;;
         bundled)
             if [[ -z "$(pkg python_standalone)" ]]; then
                 problem "--python bundled, but this bundle has no Python ($(pkg python_standalone_note)): use --python system, or rebuild the bundle on a machine with internet"
+            else
+                passed "Python $want: bundled"
             fi
             ;;
-        system) ;;
+        system) check_system_python "$want" ;;
         [0-9].[0-9]*)
             if [[ "$PYTHON_REQUEST" != "$want" ]]; then
                 problem "Python $PYTHON_REQUEST was requested but the bundled wheels are for Python $want: pass --python $want (or leave it out), or rebuild the bundle with --python-version $PYTHON_REQUEST"
+            else
+                check_system_python "$want"
             fi
             ;;
         *)
             if [[ ! -x "$PYTHON_REQUEST" ]]; then
-                problem "--python $PYTHON_REQUEST is not an executable file: pass a python$want path, or leave --python out"
+                problem "--python $(q "$PYTHON_REQUEST") is not an executable file: pass a python$want path, or leave --python out"
             elif ! found=$(python_version_of "$PYTHON_REQUEST"); then
-                problem "--python $PYTHON_REQUEST does not run (see the log): pass another Python $want, or leave --python out"
+                problem "--python $(q "$PYTHON_REQUEST") does not run (see the log): pass another Python $want, or leave --python out"
             elif [[ "${found%% *}" != "$want" ]]; then
-                problem "--python $PYTHON_REQUEST is Python ${found%% *} but the bundled wheels are for Python $want: pass a Python $want, or rebuild the bundle with --python-version ${found%% *}"
+                problem "--python $(q "$PYTHON_REQUEST") is Python ${found%% *} but the bundled wheels are for Python $want: pass a Python $want, or rebuild the bundle with --python-version ${found%% *}"
+            else
+                passed "Python $want: $PYTHON_REQUEST"
             fi
             ;;
     esac
+}
+
+check_system_python() {
+    local found
+    if found=$(find_system_python "$1"); then
+        passed "Python $1: $found (this machine's; the bundle has none)"
+    elif [[ "$ONLINE" == 1 ]]; then
+        passed "Python $1: none here; uv downloads one (--online)"
+    else
+        problem "$(no_python_sentence "$1")"
+    fi
+}
+
+no_python_sentence() {
+    printf '%s' "no Python $1 on this machine and none in the bundle: rebuild the bundle on a machine with internet (it downloads a standalone Python), install Python $1, or rerun with --online"
+}
+
+# check_install_dir: the install folder is writable, and no stray process holds the deploy lock
+# (doctor; a deploy stops at both before its preflight).
+check_install_dir() {
+    local holder
+    if [[ -n "$INSTALL_PROBLEM" ]]; then
+        problem "$INSTALL_PROBLEM"
+        return 0
+    fi
+    passed "install folder $(q "$INSTALL_DIR") is writable"
+    if [[ -f "$LOCK_FILE" ]] && ! flock -n "$LOCK_FILE" true 2>/dev/null; then
+        holder=$(lock_holder)
+        if [[ -n "$holder" && "$(proc_cmdline "$holder")" != *autodl_deploy.sh* ]]; then
+            problem "$(lock_sentence "$holder")"
+        else
+            remark "$(lock_sentence "$holder") right now: a deploy waits up to $LOCK_WAIT s for it"
+        fi
+    fi
 }
 
 preflight() {
     STEP=preflight
     check_commands
+    if [[ "$CHECK_MODE" == report ]]; then
+        check_install_dir
+    fi
     read_bundles
     check_system
     check_backend
     check_model
-    check_python_request
+    check_python
     check_disk
     check_gpu
     check_port
@@ -697,28 +1317,44 @@ zip_stat() {
     fi
 }
 
-# verify_zip ZIP MANIFEST: the zip is whole (every CRC) and lists exactly the manifest's files.
-verify_zip() {
+verify_key() {
+    printf '%s|%s|%s|%s' "$(zip_stat "$PKG_ZIP")" "$(zip_stat "$MODELS_ZIP")" "$PKG_ID" "$MODELS_ID"
+}
+
+# zip_problem ZIP MANIFEST: what is wrong with the zip (a CRC, a truncation, files that differ
+# from its manifest), nothing when it is whole and lists exactly the manifest's files.
+zip_problem() {
     local zip=$1 manifest=$2 output listing expected extra missing
-    if [[ ! -f "$zip" ]]; then
-        note "$(basename "$zip") is gone; using the installed copy"
-        return 0
-    fi
     output="$WORK/unzip-test.out"
-    if ! unzip -tqq "$zip" >"$output" 2>&1; then
-        cat "$output" >>"$LOG"
-        err "$(zip_failure "$zip" "$output")"
+    if ! unzip_batch -tqq "$zip" >"$output" 2>&1; then
+        cat "$output" >>"$LOG" 2>/dev/null || true
+        zip_failure "$zip" "$output"
+        return 0
     fi
     listing="$WORK/listing"
     expected="$WORK/expected"
-    unzip -Z1 "$zip" | sed -e '/^manifest\.json$/d' -e '/\/$/d' | LC_ALL=C sort >"$listing"
+    unzip -Z1 "$zip" </dev/null | sed -e '/^manifest\.json$/d' -e '/\/$/d' | LC_ALL=C sort >"$listing"
     manifest_paths "$manifest" | LC_ALL=C sort >"$expected"
     missing=$(LC_ALL=C comm -13 "$listing" "$expected" | sed -n '1,3p' | paste -s -d ' ')
     extra=$(LC_ALL=C comm -23 "$listing" "$expected" | sed -n '1,3p' | paste -s -d ' ')
     if [[ -n "$missing$extra" ]]; then
-        err "$(basename "$zip") does not match its manifest.json (missing: ${missing:-none}; not listed: ${extra:-none}): the zip was changed after it was built; rebuild it with offline_packages/build.py"
+        printf '%s does not match its manifest.json (missing: %s; not listed: %s): the zip was changed after it was built; rebuild it with offline_packages/build.py' \
+            "$(basename "$zip")" "${missing:-none}" "${extra:-none}"
     fi
-    note "$(basename "$zip"): $(wc -l <"$expected") files, every CRC good"
+}
+
+# verify_zip ZIP MANIFEST: the zip is whole (every CRC) and lists exactly the manifest's files.
+verify_zip() {
+    local zip=$1 manifest=$2 sentence
+    if [[ ! -f "$zip" ]]; then
+        note "$(basename "$zip") is gone; using the installed copy"
+        return 0
+    fi
+    sentence=$(zip_problem "$zip" "$manifest")
+    if [[ -n "$sentence" ]]; then
+        err "$sentence"
+    fi
+    note "$(basename "$zip"): $(manifest_paths "$manifest" | wc -l) files, every CRC good"
 }
 
 step_verify() {
@@ -726,32 +1362,68 @@ step_verify() {
     verify_zip "$MODELS_ZIP" "$MODELS_MANIFEST"
 }
 
+# check_zips: doctor reads the zips whole as the deploy's first step would (unless a deploy
+# already verified these very files).
+check_zips() {
+    local zip manifest sentence
+    if [[ ! -f "$PKG_MANIFEST" || ! -f "$MODELS_MANIFEST" ]]; then
+        return 0
+    fi
+    if marker_done verify "$(verify_key)"; then
+        passed "zips: verified by an earlier deploy"
+        return 0
+    fi
+    for zip in "$PKG_ZIP" "$MODELS_ZIP"; do
+        manifest=$PKG_MANIFEST
+        if [[ "$zip" == "$MODELS_ZIP" ]]; then
+            manifest=$MODELS_MANIFEST
+        fi
+        if [[ ! -f "$zip" ]]; then
+            continue
+        fi
+        sentence=$(zip_problem "$zip" "$manifest")
+        if [[ -n "$sentence" ]]; then
+            problem "$sentence"
+        else
+            passed "$(basename "$zip"): every CRC good, the files its manifest lists"
+        fi
+    done
+}
+
 # --- step: unpack a zip into place -------------------------------------------------------------
 
-# unpack_zip ZIP MANIFEST DEST HOLD: extract to DEST.tmp, check every sha256, rename to DEST.
+# unpack_zip ZIP MANIFEST DEST HOLD: extract to DEST.tmp, check every sha256, rename to DEST. On
+# any failure DEST.tmp is removed; a full disk is named as such.
 unpack_zip() {
-    local zip=$1 manifest=$2 dest=$3 hold=$4 tmp output sums bad
+    local zip=$1 manifest=$2 dest=$3 hold=$4 tmp output sums bad status=0 full
     tmp="$dest.tmp"
     output="$WORK/unzip-extract.out"
     rm -rf -- "$tmp"
-    mkdir -p "$tmp"
-    if ! unzip -q -o "$zip" -d "$tmp" >"$output" 2>&1; then
-        cat "$output" >>"$LOG"
+    make_dirs "$tmp"
+    unzip_batch -q -o "$zip" -d "$tmp" >"$output" 2>&1 || status=$?
+    if ((status != 0)); then
+        cat "$output" >>"$LOG" 2>/dev/null || true
+        if ((status == 50)) || full=$(full_disk "$output"); then
+            rm -rf -- "$tmp"
+            err "$(disk_full_sentence "${full:-$dest}")"
+        fi
+        rm -rf -- "$tmp"
         err "$(zip_failure "$zip" "$output")"
     fi
     test_hold "$hold"
     sums="$WORK/sha256sums"
     manifest_sums "$manifest" >"$sums"
     if ! (cd "$tmp" && sha256sum --check --quiet --strict "$sums") >"$output" 2>&1; then
-        cat "$output" >>"$LOG"
+        cat "$output" >>"$LOG" 2>/dev/null || true
+        rm -rf -- "$tmp"
         bad=$(sed -n 's/: FAILED.*$//p' "$output" | sed -n 1p)
         err "${bad:-a file} in $(basename "$zip") does not match its manifest.json (sha256): the zip was changed after it was built; rebuild it with offline_packages/build.py"
     fi
     if [[ -e "$dest" ]]; then
         rm -rf -- "$dest.old"
-        mv -- "$dest" "$dest.old"
+        mv -f -- "$dest" "$dest.old"
     fi
-    mv -- "$tmp" "$dest"
+    mv -f -- "$tmp" "$dest"
     rm -rf -- "$dest.old"
 }
 
@@ -763,18 +1435,33 @@ step_packages() {
 # --- step: uv ----------------------------------------------------------------------------------
 
 step_uv() {
-    local wheel member
+    local wheel member tmp="$UV.tmp.d" version status=0
     wheel="$PKG_DIR/$(pkg uv_wheel)"
     member="uv-$(pkg uv_version).data/scripts/uv"
-    mkdir -p "$INSTALL_DIR/bin"
-    if ! unzip -p "$wheel" "$member" >"$UV.tmp" 2>>"$LOG"; then
+    rm -rf -- "$tmp"
+    make_dirs "$tmp"
+    # Extracted as a file (unzip -p would not notice a full disk, and an empty file runs fine).
+    unzip_batch -q -o -j "$wheel" "$member" -d "$tmp" >"$WORK/unzip-uv.out" 2>&1 || status=$?
+    if ((status != 0)); then
+        cat "$WORK/unzip-uv.out" >>"$LOG" 2>/dev/null || true
+        rm -rf -- "$tmp"
+        if ((status == 50)); then
+            err "$(disk_full_sentence "$INSTALL_DIR")"
+        fi
+        fail_if_disk_full "$WORK/unzip-uv.out"
         err "the uv wheel $(basename "$wheel") holds no $member: rebuild the bundle"
     fi
-    chmod +x "$UV.tmp"
-    mv -f "$UV.tmp" "$UV"
+    chmod +x "$tmp/uv"
+    mv -f -- "$tmp/uv" "$UV"
+    rm -rf -- "$tmp"
     ensure "the bundled uv does not run on this machine (see the log): check the architecture and rebuild the bundle" \
         "$UV" --version
-    note "$("$UV" --version)"
+    version=$(cat "$WORK/command.out")
+    if [[ "$version" != "uv $(pkg uv_version)"* ]]; then
+        fail_if_disk_full
+        err "the bundled uv does not say it is uv $(pkg uv_version) (it says '${version:0:80}'): rebuild the bundle"
+    fi
+    note "$version"
 }
 
 uv_env() {
@@ -823,7 +1510,7 @@ step_python() {
             ;;
         system | [0-9].[0-9]*) use_system_python "$want" ;;
         *)
-            # preflight (check_python_request) has checked that it runs and is Python $want.
+            # preflight (check_python) has checked that it runs and is Python $want.
             found=$(python_version_of "$PYTHON_REQUEST")
             record_python "${found#* }"
             ;;
@@ -833,14 +1520,14 @@ step_python() {
 install_standalone() {
     local archive=$1 want=$2 tmp="$INSTALL_DIR/python.tmp"
     rm -rf -- "$tmp"
-    mkdir -p "$tmp"
-    ensure "cannot unpack $(basename "$archive") (see the log): check free disk space and rerun" \
+    make_dirs "$tmp"
+    ensure "cannot unpack $(basename "$archive") (see the log): rebuild the bundle" \
         tar -xzf "$archive" -C "$tmp"
     if [[ ! -x "$tmp/python/bin/python$want" ]]; then
         err "$(basename "$archive") holds no python/bin/python$want: rebuild the bundle with a cpython-$want install_only archive"
     fi
     rm -rf -- "$INSTALL_DIR/python"
-    mv -- "$tmp/python" "$INSTALL_DIR/python"
+    mv -f -- "$tmp/python" "$INSTALL_DIR/python"
     rm -rf -- "$tmp"
     if ! python_version_of "$INSTALL_DIR/python/bin/python$want" >/dev/null; then
         err "the bundled Python does not run on this machine (see the log): try --python system"
@@ -862,11 +1549,11 @@ use_system_python() {
         record_python "$found"
         return 0
     fi
-    err "no Python $want on this machine and none in the bundle: rebuild the bundle on a machine with internet (it downloads a standalone Python), install Python $want, or rerun with --online"
+    err "$(no_python_sentence "$want")"
 }
 
 record_python() {
-    printf '%s\n' "$1" >"$STATE_DIR/python.path"
+    write_file "$STATE_DIR/python.path" "$1"
     note "Python: $1"
 }
 
@@ -890,7 +1577,7 @@ create_env() {
     local env
     env=$(env_dir)
     rm -rf -- "$env"
-    mkdir -p "$ENVS_DIR"
+    make_dirs "$ENVS_DIR"
     ensure "uv could not create a virtual environment with $(python_path) (see the log): try --python with another Python $(pkg python_version)" \
         uv_env "$UV" venv --offline --python "$(python_path)" "$env"
 }
@@ -907,10 +1594,11 @@ step_wheels() {
         note "a previous wheel install was interrupted: starting the environment afresh"
         create_env
     fi
-    : >"$started"
+    write_file "$started" "$(env_key)"
     if ! logged uv_env "$UV" pip install --offline --no-index --require-hashes \
         --find-links "$PKG_DIR/wheels" --python "$env/bin/python" -r "$PKG_DIR/$(pkg lock)"; then
-        err "uv could not install the bundled wheels into $env ($(grep -v '^ *$' "$LOG" | tail -n 1 | sed 's/^ *//' | cut -c1-160)): the bundle may be for another Python or platform; rebuild it for this box"
+        fail_if_disk_full "$WORK/command.out"
+        err "uv could not install the bundled wheels into $(q "$env") ($(last_output)): the bundle may be for another Python or platform; rebuild it for this box"
     fi
     rm -f "$started"
     note "$(grep -c '^[A-Za-z0-9]' "$PKG_DIR/$(pkg lock)") packages installed"
@@ -925,17 +1613,18 @@ step_models() {
 
 step_voices() {
     local wav copied=0
-    mkdir -p "$VOICES_DIR"
+    make_dirs "$VOICES_DIR"
     if [[ -d "$MODELS_DIR/voices" ]]; then
         for wav in "$MODELS_DIR/voices"/*; do
             if [[ -f "$wav" && ! -e "$VOICES_DIR/$(basename "$wav")" ]]; then
-                cp -- "$wav" "$VOICES_DIR/$(basename "$wav").tmp"
-                mv -- "$VOICES_DIR/$(basename "$wav").tmp" "$VOICES_DIR/$(basename "$wav")"
+                ensure "cannot copy $(basename "$wav") into $(q "$VOICES_DIR") (see the log)" \
+                    cp -- "$wav" "$VOICES_DIR/$(basename "$wav").tmp"
+                mv -f -- "$VOICES_DIR/$(basename "$wav").tmp" "$VOICES_DIR/$(basename "$wav")"
                 copied=$((copied + 1))
             fi
         done
     fi
-    note "$copied bundled voice(s) added to $VOICES_DIR"
+    note "$copied bundled voice(s) added to $(q "$VOICES_DIR")"
 }
 
 # --- step: ttsfrd ------------------------------------------------------------------------------
@@ -954,26 +1643,26 @@ step_ttsfrd() {
     fi
     mapfile -t wheels < <(find "$dir" -maxdepth 1 -name 'ttsfrd*.whl' | sort)
     if ((${#wheels[@]} == 0)); then
-        warn "no ttsfrd wheels in $dir: text normalisation uses wetext"
+        warn "no ttsfrd wheels in $(q "$dir"): text normalisation uses wetext"
         return 0
     fi
-    ensure "the ttsfrd wheels do not install (see the log): remove $dir to use wetext, or rebuild the bundle" \
+    ensure "the ttsfrd wheels do not install (see the log): remove them to use wetext ($(quote_words rm -rf -- "$dir")), or rebuild the bundle" \
         uv_env "$UV" pip install --offline --no-index --no-deps --reinstall --python "$env/bin/python" "${wheels[@]}"
     if [[ -f "$dir/resource.zip" && ! -d "$dir/resource" ]]; then
         tmp="$dir/resource.tmp"
         rm -rf -- "$tmp"
-        ensure "cannot unpack ttsfrd's resource.zip (see the log): check free disk space and rerun" \
-            unzip -q -o "$dir/resource.zip" -d "$tmp"
+        ensure "cannot unpack ttsfrd's resource.zip (see the log): rebuild the bundle" \
+            unzip_batch -q -o "$dir/resource.zip" -d "$tmp"
         if [[ -d "$tmp/resource" ]]; then
-            mv -- "$tmp/resource" "$dir/resource"
+            mv -f -- "$tmp/resource" "$dir/resource"
             rm -rf -- "$tmp"
         else
-            mv -- "$tmp" "$dir/resource"
+            mv -f -- "$tmp" "$dir/resource"
         fi
     fi
-    ensure "ttsfrd does not import (see the log): remove $dir to use wetext" \
+    ensure "ttsfrd does not import (see the log): remove it to use wetext ($(quote_words rm -rf -- "$dir"))" \
         "$env/bin/python" -c 'import ttsfrd'
-    note "ttsfrd installed; resource in $dir/resource"
+    note "ttsfrd installed; resource in $(q "$dir/resource")"
 }
 
 # --- step: MPI (trtllm) ------------------------------------------------------------------------
@@ -1001,17 +1690,25 @@ step_mpi() {
 step_activate() {
     local env
     env=$(env_dir)
+    settle_server fix
     if server_running && [[ "$(readlink "$VENV")" != "$env" ]]; then
         note "the running server uses the environment being replaced: stopping it first"
         stop_server
     fi
-    ln -sfn "$env" "$VENV.tmp"
-    mv -T "$VENV.tmp" "$VENV"
+    if ! { ln -sfn "$env" "$VENV.tmp" && mv -f -T "$VENV.tmp" "$VENV"; } 2>/dev/null; then
+        fail_if_disk_full
+        err "cannot point $(q "$VENV") at $(q "$env"): check that $(q "$INSTALL_DIR") is writable"
+    fi
     find "$ENVS_DIR" -mindepth 1 -maxdepth 1 -type d ! -path "$env" -exec rm -rf -- {} +
     note "$VENV -> $env"
 }
 
 # --- the server --------------------------------------------------------------------------------
+# What identifies the server is recorded when it starts: run/server.pid holds its pid (the
+# session and process group it leads, made by setsid), run/server.id the pid with the process's
+# start time and the boot it started in. A pid file whose process has another start time or boot
+# is stale (a reboot or a restored container reuses pids): it is reported, removed, and its pid
+# left alone. Nothing is ever signalled that does not match.
 
 launcher() {
     if [[ "$BACKEND" == trtllm ]]; then
@@ -1029,20 +1726,157 @@ running_model() {
 }
 
 server_pid() {
+    local pid=""
     if [[ -f "$PID_FILE" ]]; then
-        cat "$PID_FILE"
+        pid=$(cat "$PID_FILE" 2>/dev/null || true)
+    fi
+    if [[ "$pid" =~ ^[0-9]+$ ]]; then
+        printf '%s' "$pid"
     fi
 }
 
-# server_running: the pid file names a live process that is our server.
+# proc_field PID NAME: state, ppid, pgid, sid or start (clock ticks after boot) of a live
+# process, from /proc/PID/stat (the fields after the command name, which may hold spaces).
+proc_field() {
+    local stat fields
+    { stat=$(<"/proc/$1/stat"); } 2>/dev/null || return 1
+    read -r -a fields <<<"${stat##*) }"
+    case "$2" in
+        state) printf '%s' "${fields[0]}" ;;
+        ppid) printf '%s' "${fields[1]}" ;;
+        pgid) printf '%s' "${fields[2]}" ;;
+        sid) printf '%s' "${fields[3]}" ;;
+        start) printf '%s' "${fields[19]}" ;;
+    esac
+}
+
+# proc_cmdline PID: its command line, arguments joined by spaces (nothing when it is gone).
+proc_cmdline() {
+    { tr '\0' ' ' <"/proc/$1/cmdline"; } 2>/dev/null | sed 's/ $//' || true
+}
+
+# alive PID: a process that has not ended (zombies have).
+alive() {
+    local state
+    state=$(proc_field "$1" state) && [[ "$state" != [ZX] ]]
+}
+
+boot_id() {
+    cat /proc/sys/kernel/random/boot_id 2>/dev/null || printf 'unknown'
+}
+
+# identity PID: "PID START BOOT", which no later process with the same pid shares. A process
+# that is gone gets a start of "-", which matches nothing.
+identity() {
+    printf '%s %s %s' "$1" "$(proc_field "$1" start || printf -- -)" "$(boot_id)"
+}
+
+# record_server PID: PID is our server: its identity, then its pid file (status and stop read the
+# pid file first). Reading /proc/PID/stat is right at once after the fork: the start time is the
+# fork's, whether or not the child has exec'd the server yet.
+record_server() {
+    write_file "$ID_FILE" "$(identity "$1")"
+    write_file "$PID_FILE" "$1"
+}
+
+forget_server() {
+    rm -f -- "$PID_FILE" "$ID_FILE"
+}
+
+# server_running: the pid file names a live process with the identity recorded at its start.
 server_running() {
-    local pid cmdline
+    local pid
     pid=$(server_pid)
-    if [[ -z "$pid" || ! -r "/proc/$pid/cmdline" ]]; then
-        return 1
+    [[ -n "$pid" && -f "$ID_FILE" ]] && alive "$pid" &&
+        [[ "$(cat "$ID_FILE" 2>/dev/null)" == "$(identity "$pid")" ]]
+}
+
+# launched_here PID: PID leads its own session and runs this install's launcher (server.py or
+# fast_server.py under PKG_DIR/app, by full path), as start_server starts it.
+launched_here() {
+    local cmdline
+    alive "$1" && [[ "$(proc_field "$1" sid)" == "$1" ]] || return 1
+    cmdline=" $(proc_cmdline "$1") "
+    [[ "$cmdline" == *" $PKG_DIR/app/server.py "* || "$cmdline" == *" $PKG_DIR/app/fast_server.py "* ]]
+}
+
+# untracked_server: the pid of a server of this install that runs without a matching pid file
+# (an earlier run was killed between starting it and writing the file, or an older script
+# started it), the one on our port first; nothing when there is none.
+untracked_server() {
+    local pid candidates=() listener
+    mapfile -t candidates < <(grep -l -s -F -- "$PKG_DIR/app/" /proc/[0-9]*/cmdline 2>/dev/null |
+        cut -d/ -f3 | grep -v -x -e "$$" -e "$BASHPID" || true)
+    for listener in $(port_listeners "$PORT"); do
+        pid=$(proc_field "$listener" sid || true)
+        if [[ -n "$pid" ]] && launched_here "$pid"; then
+            printf '%s' "$pid"
+            return 0
+        fi
+    done
+    for pid in "${candidates[@]}"; do
+        if launched_here "$pid"; then
+            printf '%s' "$pid"
+            return 0
+        fi
+    done
+    return 1
+}
+
+# settle_server fix|report: makes the pid file tell the truth before anything relies on it. A pid
+# file naming a process that is not our server is stale: said, removed (fix), its process never
+# touched. A server of this install found without a matching pid file is adopted (fix: its
+# identity recorded) or remembered in SERVER_UNTRACKED (report: status, doctor, dry runs).
+settle_server() {
+    local mode=$1 pid found=""
+    SERVER_UNTRACKED=""
+    if server_running; then
+        return 0
     fi
-    cmdline=$(tr '\0' ' ' <"/proc/$pid/cmdline")
-    [[ "$cmdline" == *server.py* || "$cmdline" == *mpirun* ]]
+    pid=$(server_pid)
+    if [[ -n "$pid" ]] && launched_here "$pid"; then
+        found=$pid   # started here, its identity not recorded (an older autodl_deploy.sh)
+    elif [[ -n "$pid" ]] && alive "$pid"; then
+        if [[ "$mode" == fix ]]; then
+            warn "$(q "$PID_FILE") named $(describe_pid "$pid"), which is not the server started here: the pid file was stale (pids are reused after a reboot or a container restore): removed it and left pid $pid alone"
+        else
+            warn "$(q "$PID_FILE") names $(describe_pid "$pid"), which is not the server started here: the pid file is stale (pids are reused after a reboot or a container restore); start or stop removes it, and pid $pid is left alone"
+        fi
+    fi
+    if [[ "$mode" == fix && -f "$PID_FILE" && -z "$found" ]]; then
+        forget_server
+    fi
+    if [[ -z "$found" ]]; then
+        found=$(untracked_server) || found=""
+    fi
+    if [[ -z "$found" ]]; then
+        return 0
+    fi
+    if [[ "$mode" == fix ]]; then
+        record_server "$found"
+        note "this install's server runs as pid $found but its pid file was missing or did not match (an earlier run was interrupted, or an older autodl_deploy.sh started it): adopted it"
+    else
+        SERVER_UNTRACKED=$found
+    fi
+}
+
+# port_listeners PORT: pids of the processes listening on TCP PORT here (from /proc: no ss
+# needed); nothing when none is visible.
+port_listeners() {
+    local inodes=() inode args=()
+    mapfile -t inodes < <(awk -v port="$(printf '%04X' "$1")" \
+        'FNR > 1 && $4 == "0A" { n = split($2, a, ":"); if (a[n] == port) print $10 }' \
+        /proc/net/tcp /proc/net/tcp6 2>/dev/null | sort -u || true)
+    if ((${#inodes[@]} == 0)); then
+        return 0
+    fi
+    for inode in "${inodes[@]}"; do
+        if ((${#args[@]} > 0)); then
+            args+=(-o)
+        fi
+        args+=(-lname "socket:\\[$inode\\]")
+    done
+    find /proc/[0-9]*/fd -maxdepth 1 \( "${args[@]}" \) 2>/dev/null | cut -d/ -f3 | sort -un || true
 }
 
 local_url() {
@@ -1083,24 +1917,22 @@ start_server() {
     STEP=start
     app=$(launcher)
     if [[ ! -f "$app" ]]; then
-        if [[ "$BACKEND" == trtllm ]]; then
-            err "fast_server.py is not in this bundle (the TensorRT-LLM server is not part of it yet): deploy with --backend torch, or rebuild the bundle from a checkout that has fast_server.py"
-        fi
-        err "server.py is not in this bundle: rebuild it with offline_packages/build.py from a checkout that has server.py"
+        err "$(launcher_missing)"
     fi
     if [[ "$BACKEND" == trtllm && "$(pkg profile)" != trtllm ]]; then
         err "--backend trtllm needs a bundle of the trtllm profile but this one is '$(pkg profile)': rebuild with build.py --profile trtllm, or use --backend torch"
     fi
     if [[ ! -x "$VENV/bin/python" ]]; then
-        err "nothing is installed in $INSTALL_DIR yet: run '$(self_command deploy)' first"
+        err "nothing is installed in $(q "$INSTALL_DIR") yet: run '$(self_command deploy)' first"
     fi
     if ! entry=$(model_entry "$(wanted_model)"); then
         err "$(unknown_model)"
     fi
     model_dir="$MODELS_DIR/${entry#*=}"
     device=$(server_device)
+    settle_server fix
     if server_running; then
-        if [[ "$(cat "$RUN_DIR/server.key" 2>>"$LOG")" == "$(start_key "$entry")" ]]; then
+        if [[ "$(cat "$RUN_DIR/server.key" 2>/dev/null)" == "$(start_key "$entry")" ]]; then
             say "the server is already running (pid $(server_pid))"
             wait_ready
             return 0
@@ -1111,9 +1943,19 @@ start_server() {
     if port_open "$PORT"; then
         err "$(port_taken)"
     fi
-    mkdir -p "$RUN_DIR" "$LOG_DIR"
-    printf '\n===== %s: starting %s (%s backend) on %s:%s\n' "$(date '+%F %T')" \
-        "$(basename "$app")" "$BACKEND" "$HOST" "$PORT" >>"$SERVER_LOG"
+    test_hold before-start
+    make_dirs "$RUN_DIR" "$LOG_DIR"
+    # What is started is written first: a run killed right after the fork leaves a server that
+    # the next run finds (untracked_server) and adopts with these.
+    url=$(local_url)
+    write_file "$RUN_DIR/server.key" "$(start_key "$entry")"
+    write_file "$RUN_DIR/server.model" "${entry%%=*}"
+    write_file "$RUN_DIR/server.url" "$url"
+    if ! { printf '\n===== %s: starting %s (%s backend) on %s:%s\n' "$(date '+%F %T')" \
+        "$(basename "$app")" "$BACKEND" "$HOST" "$PORT" >>"$SERVER_LOG"; } 2>/dev/null; then
+        fail_if_disk_full
+        err "cannot write the server log $(q "$SERVER_LOG"): check that $(q "$LOG_DIR") is writable"
+    fi
     say "starting $(basename "$app") on $HOST:$PORT (model ${entry%%=*}, $BACKEND backend, $device)"
     command=("$VENV/bin/python" "$app" --model-dir "$model_dir" --host "$HOST" --port "$PORT"
         --device "$device" --voices-dir "$VOICES_DIR")
@@ -1124,19 +1966,16 @@ start_server() {
         # process group below stay right): one place defines the launch.
         command+=(--trtllm-cache "$INSTALL_DIR/cache/trtllm")
     fi
-    # Its own session (setsid), immune to the terminal closing (nohup), the deploy lock closed:
-    # the server outlives this script, and its pid is the process group that stop ends.
+    # Its own session (setsid), immune to the terminal closing (nohup): the server outlives this
+    # script, and its pid is the session and process group that stop ends. (The deploy lock is
+    # not a descriptor of this shell, so the server cannot inherit it.)
     setsid nohup env PATH="$VENV/bin:$PATH" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 \
         TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 "${command[@]}" \
-        >>"$SERVER_LOG" 2>&1 </dev/null 9>&- &
+        >>"$SERVER_LOG" 2>&1 </dev/null &
     pid=$!
-    printf '%s\n' "$pid" >"$PID_FILE"
-    start_key "$entry" >"$RUN_DIR/server.key"
-    printf '%s\n' "${entry%%=*}" >"$RUN_DIR/server.model"
-    rm -f "$RUN_DIR/server.url"
-    url=$(local_url)
-    printf '%s\n' "$url" >"$RUN_DIR/server.url"
-    log "server pid $pid"
+    record_server "$pid"
+    log "server pid $pid: $(cat "$ID_FILE" 2>/dev/null)"
+    test_hold server-forked
     wait_ready
 }
 
@@ -1159,7 +1998,8 @@ wait_ready() {
     say "waiting for $url/ready (the model loads and warms up; up to $READY_TIMEOUT s)"
     while true; do
         if ! server_running; then
-            err "the server stopped while starting (last log line: '$(grep -v '^ *$' "$SERVER_LOG" | tail -n 1 | cut -c1-200)'): read $SERVER_LOG, fix the cause, then run '$(self_command start)'"
+            fail_if_disk_full
+            err "the server stopped while starting (last log line: '$(grep -v '^ *$' "$SERVER_LOG" 2>/dev/null | tail -n 1 | cut -c1-200)'): read its log ($(self_command logs)), fix the cause, then run '$(self_command start)'"
         fi
         code=$(http_status "$url/ready")
         if [[ "$code" == 200 ]]; then
@@ -1167,13 +2007,17 @@ wait_ready() {
         fi
         waited=$(($(now) - started))
         if ((waited >= READY_TIMEOUT)); then
-            err "the server did not become ready within $READY_TIMEOUT s (/ready answers ${code/#0/nothing}): read $SERVER_LOG; it keeps loading in the background (check with '$(self_command status)'), or raise --ready-timeout"
+            err "the server did not become ready within $READY_TIMEOUT s (/ready answers ${code/#0/nothing}): read its log ($(self_command logs)); it keeps loading in the background (check with '$(self_command status)'), or raise --ready-timeout"
         fi
         if ((waited - last_note >= 30)); then
             note "still loading after $waited s (/ready: ${code/#0/no answer yet})"
             last_note=$waited
         fi
-        sleep 1
+        if ((waited < 3)); then
+            sleep 0.2   # a server already loaded (a restart, the demo) answers within a second
+        else
+            sleep 1
+        fi
     done
     print_access
 }
@@ -1192,45 +2036,68 @@ print_access() {
     note "stop:   $(self_command stop)"
 }
 
+# signal_server SIGNAL: sends SIGNAL to the server's process group, only while the pid file still
+# names the process recorded at its start (a group it no longer leads: to the process alone).
+signal_server() {
+    local pid
+    pid=$(server_pid)
+    if [[ -z "$pid" ]] || ! server_running; then
+        return 1
+    fi
+    if [[ "$(proc_field "$pid" pgid || true)" == "$pid" ]]; then
+        kill "-$1" -- "-$pid" 2>/dev/null || true
+    else
+        kill "-$1" -- "$pid" 2>/dev/null || true
+    fi
+}
+
+# group_alive PID: a process of the group PID led is still there.
+group_alive() {
+    kill -0 -- "-$1" 2>/dev/null || alive "$1"
+}
+
 stop_server() {
     local pid waited=0
     STEP=stop
+    settle_server fix
     if ! server_running; then
-        rm -f "$PID_FILE"
+        forget_server
         say "the server is not running"
         return 0
     fi
     pid=$(server_pid)
     say "stopping the server (pid $pid)"
-    kill -TERM -- "-$pid"
-    while [[ -e "/proc/$pid" ]] && ((waited < 30)); do
-        sleep 1
+    signal_server TERM || true
+    while group_alive "$pid" && ((waited < 300)); do
+        sleep 0.1
         waited=$((waited + 1))
     done
-    if [[ -e "/proc/$pid" ]]; then
+    if group_alive "$pid"; then
         warn "the server ignored SIGTERM for 30 s: killing it"
-        kill -KILL -- "-$pid"
+        if ! signal_server KILL && kill -0 -- "-$pid" 2>/dev/null; then
+            kill -KILL -- "-$pid" 2>/dev/null || true   # the leader is gone, its group is ours
+        fi
     fi
-    rm -f "$PID_FILE"
+    forget_server
     note "stopped"
 }
 
-# self_command VERB: how to run this script again for VERB on this install.
+# self_command VERB: how to run this script again for VERB on this install, quoted to paste.
 self_command() {
-    local line="bash $SELF $1"
+    local words=(bash "$SELF" "$1")
     if [[ "$INSTALL_DIR" != /root/autodl-tmp/cosyvoice ]]; then
-        line+=" --install-dir $INSTALL_DIR"
+        words+=(--install-dir "$INSTALL_DIR")
     fi
     if [[ "$1" == start && "$BACKEND" != torch ]]; then
-        line+=" --backend $BACKEND"
+        words+=(--backend "$BACKEND")
     fi
     if [[ "$1" == start && "$PORT" != 6006 ]]; then
-        line+=" --port $PORT"
+        words+=(--port "$PORT")
     fi
     if [[ "$1" == start && -n "$MODEL" ]]; then
-        line+=" --model $MODEL"
+        words+=(--model "$MODEL")
     fi
-    printf '%s' "$line"
+    quote_words "${words[@]}"
 }
 
 # --- verbs -------------------------------------------------------------------------------------
@@ -1253,7 +2120,7 @@ cmd_deploy() {
     if [[ "$(pkg demo)" == true && "$DEMO" != 1 ]]; then
         warn "this is a demo bundle (tiny random model: it speaks noise); pass --demo to say that you mean it"
     fi
-    run_step verify "$(zip_stat "$PKG_ZIP")|$(zip_stat "$MODELS_ZIP")|$PKG_ID|$MODELS_ID" step_verify
+    run_step verify "$(verify_key)" step_verify
     run_step packages "$PKG_ID" step_packages
     run_step uv "$PKG_ID" step_uv
     run_step python "$(python_key)" step_python
@@ -1271,7 +2138,7 @@ cmd_deploy() {
         say "dry run: nothing was changed"
         return 0
     fi
-    say "installed in $(($(now) - started)) s: $INSTALL_DIR"
+    say "installed in $(($(now) - started)) s: $(q "$INSTALL_DIR")"
     if [[ "$NO_START" == 1 ]]; then
         note "not starting (--no-start): run '$(self_command start)' when you want it"
         return 0
@@ -1283,8 +2150,9 @@ cmd_doctor() {
     CHECK_MODE=report
     make_work_dir
     open_log doctor
-    say "doctor: checking this box for $PKG_ZIP and $MODELS_ZIP"
+    say "doctor: checking this box for $(q "$PKG_ZIP") and $(q "$MODELS_ZIP")"
     preflight
+    check_zips
     if [[ -f "$PKG_MANIFEST" ]]; then
         note "bundle: profile $(pkg profile), Python $(pkg python_version), CUDA $(pkg cuda), built $(pkg created)$([[ "$(pkg demo)" == true ]] && printf ' (demo)')"
     fi
@@ -1302,10 +2170,10 @@ installed_manifests() {
     PKG_MANIFEST="$PKG_DIR/manifest.json"
     MODELS_MANIFEST="$MODELS_DIR/manifest.json"
     if [[ ! -f "$PKG_MANIFEST" || ! -f "$MODELS_MANIFEST" || ! -L "$VENV" ]]; then
-        err "CosyVoice is not installed in $INSTALL_DIR: run '$(self_command deploy)' first (or pass --install-dir)"
+        err "CosyVoice is not installed in $(q "$INSTALL_DIR"): run '$(self_command deploy)' first (or pass --install-dir)"
     fi
     if [[ -n "$(manifest_mismatch "$PKG_MANIFEST" packages packages)$(manifest_mismatch "$MODELS_MANIFEST" models models)" ]]; then
-        err "$INSTALL_DIR was installed from a bundle whose manifest is not version $MANIFEST_VERSION, the one this autodl_deploy.sh reads: use the script it was installed with (bash $PKG_DIR/autodl_deploy.sh $VERB), or deploy a bundle rebuilt from this script's checkout"
+        err "$(q "$INSTALL_DIR") was installed from a bundle whose manifest is not version $MANIFEST_VERSION, the one this autodl_deploy.sh reads: use the script it was installed with ($(quote_words bash "$PKG_DIR/autodl_deploy.sh" "$VERB")), or deploy a bundle rebuilt from this script's checkout"
     fi
     PKG_ID=$(sha256_text <"$PKG_MANIFEST")
     MODELS_ID=$(sha256_text <"$MODELS_MANIFEST")
@@ -1336,7 +2204,7 @@ cmd_restart() {
 }
 
 cmd_status() {
-    local step code
+    local step code url pid
     LOG=/dev/null
     printf 'install dir: %s\n' "$INSTALL_DIR"
     if [[ -f "$PKG_DIR/manifest.json" ]]; then
@@ -1363,11 +2231,22 @@ cmd_status() {
         fi
     done
     printf '\n'
-    if server_running; then
-        code=$(http_status "$(local_url)/ready")
-        printf 'server:      running, pid %s, %s, model %s, /ready %s\n' "$(server_pid)" "$(local_url)" \
+    settle_server report
+    if server_running || [[ -n "$SERVER_UNTRACKED" ]]; then
+        url=$(local_url)
+        if [[ -z "$SERVER_UNTRACKED" ]]; then
+            pid="pid $(server_pid)"
+        else
+            pid="pid $SERVER_UNTRACKED (found without its pid file: start, stop or deploy adopts it)"
+            url=$(cat "$RUN_DIR/server.url" 2>/dev/null || printf '%s' "$url")
+        fi
+        code=0
+        if [[ -x "$VENV/bin/python" ]]; then
+            code=$(http_status "$url/ready")
+        fi
+        printf 'server:      running, %s, %s, model %s, /ready %s\n' "$pid" "$url" \
             "$(running_model)" "${code/#0/no answer}"
-        printf 'log:         %s\n' "$SERVER_LOG"
+        printf 'log:         %s\n' "$(q "$SERVER_LOG")"
         return 0
     fi
     printf 'server:      stopped\n'
@@ -1376,7 +2255,7 @@ cmd_status() {
 
 cmd_logs() {
     if [[ ! -f "$SERVER_LOG" ]]; then
-        err "there is no server log yet ($SERVER_LOG): the server has never been started here"
+        err "there is no server log yet ($(q "$SERVER_LOG")): the server has never been started here"
     fi
     if [[ "$FOLLOW" == 1 ]]; then
         exec tail -n "$LOG_LINES" -f "$SERVER_LOG"
@@ -1434,6 +2313,7 @@ main() {
     trap 'on_error $? $LINENO "$BASH_COMMAND"' ERR
     trap on_exit EXIT
     export LC_ALL=C.UTF-8
+    exec </dev/null   # nothing this script runs may wait for an answer from the terminal
     parse_args "$@"
     setup_paths
     case "$VERB" in

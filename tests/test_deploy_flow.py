@@ -254,6 +254,10 @@ def test_demo_deploy_serves_offline(box, bundle, workspace):
         assert_ok(running)
         assert "running" in running.stdout and "/ready 200" in running.stdout
         pid = (data / "cosyvoice" / "run" / "server.pid").read_text().strip()
+        # What identifies it: the pid, the start time in /proc/PID/stat (field 22), the boot.
+        recorded_pid, started, _ = (data / "cosyvoice" / "run" / "server.id").read_text().split()
+        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()
+        assert recorded_pid == pid and started == stat[19] and stat[3] == pid   # a session leader
 
         again = deploy(box, data, port=port)
         assert_ok(again)

@@ -86,8 +86,10 @@ def manifest_values(kind: str, **changes) -> dict:
     if kind == "packages":
         values.update(cuda="cpu", torch="2.7.1+cpu", manylinux_max="host", glibc_min="0.0",
                       project_version="0.1.0", lock="lock.txt", lock_pins=0, uv_wheel="uv/uv.whl",
-                      uv_version=wheels.UV_VERSION, python_standalone=None,
-                      python_standalone_note="not bundled", python_size=0, install_size=0,
+                      uv_version=wheels.UV_VERSION,
+                      # a bundled Python, so that preflight needs none on this machine
+                      python_standalone="python/cpython-3.10.0-install_only.tar.gz",
+                      python_standalone_note="test", python_size=0, install_size=0,
                       launchers="server.py", launchers_missing="fast_server.py",
                       extra_index_urls="")
     else:
