@@ -72,6 +72,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                                 "what it runs on (recorded only)")
     server.add_argument("--server-dtype", default="float32")
     server.add_argument("--server-workers", type=int, help="default: the highest concurrency")
+    server.add_argument("--server-defaults", action="store_true",
+                        help="start it with its default admission settings (workers, queue), as "
+                             "deployed; --server-workers and the queue of the highest level are not passed")
     server.add_argument("--voices-dir", type=Path, help="its --voices-dir (default: an empty one)")
     server.add_argument("--ready-timeout", type=float, default=600)
     parser.add_argument("--model-dir", type=Path, help="model the remote server runs (recorded only)")
@@ -134,12 +137,56 @@ async def sweep(args: argparse.Namespace, url: str, endpoint: Endpoint) -> list[
             if not outcome.ok:
                 raise BenchSetupError(f"the warm-up request failed ({outcome.status}): {outcome.detail}")
         levels = []
+        batches = await scrape_batch_sizes(client)
         for concurrency in args.levels:
             requests = None if args.duration else (args.requests or max(4, 2 * concurrency))
             level = await run_level(concurrency, requests, args.duration, make_values, send_one)
+            after = await scrape_batch_sizes(client)
+            if after is not None and batches is not None:   # runs of this level: the counts' increase
+                level["batch_sizes"] = {stage: _increase(counts, batches.get(stage, {}))
+                                        for stage, counts in after.items()}
+            batches = after
             print(format_level(level), flush=True)
             levels.append(level)
         return levels
+
+
+BATCH_METRICS = {"llm": "cosyvoice_llm_batch_size", "flow": "cosyvoice_flow_batch_size"}
+
+
+async def scrape_batch_sizes(client: httpx.AsyncClient) -> dict[str, dict[int, int]] | None:
+    """The server's batch-size histograms from /metrics ({stage: {batch size: runs}}, stages our
+    server batches), or None where there is no such endpoint (another server)."""
+    try:
+        response = await client.get("/metrics")
+    except httpx.HTTPError:
+        return None
+    if response.status_code != 200:
+        return None
+    return parse_batch_sizes(response.text)
+
+
+def parse_batch_sizes(text: str) -> dict[str, dict[int, int]]:
+    """Prometheus histogram buckets (cumulative, le = batch size) -> runs per batch size."""
+    found = {}
+    for stage, metric in BATCH_METRICS.items():
+        cumulative = []
+        for line in text.splitlines():
+            if line.startswith(f"{metric}_bucket{{") and 'le="+Inf"' not in line:
+                bound = line.split('le="', 1)[1].split('"', 1)[0]
+                cumulative.append((int(float(bound)), float(line.rsplit(" ", 1)[1])))
+        if cumulative:
+            cumulative.sort()
+            counts, previous = {}, 0.0
+            for size, total in cumulative:
+                counts[size] = int(total - previous)
+                previous = total
+            found[stage] = counts
+    return found
+
+
+def _increase(after: dict[int, int], before: dict[int, int]) -> dict[int, int]:
+    return {size: runs - before.get(size, 0) for size, runs in after.items() if runs - before.get(size, 0)}
 
 
 def format_level(level: dict) -> str:
@@ -161,11 +208,15 @@ def run(args: argparse.Namespace) -> dict:
         return asyncio.run(sweep(args, url, endpoint))
 
     if args.start_server:
-        workers = args.server_workers or max(args.levels)
-        with local_server(args.start_server, workers=workers, max_queue=max(args.levels),
+        if args.server_defaults:
+            workers = max_queue = None
+        else:
+            workers, max_queue = args.server_workers or max(args.levels), max(args.levels)
+        with local_server(args.start_server, workers=workers, max_queue=max_queue,
                           device=args.server_device or "cpu", dtype=args.server_dtype,
                           voices_dir=args.voices_dir, ready_timeout_s=args.ready_timeout) as url:
-            report["server"] = {"started_here": True, "workers": workers, "max_queue": max(args.levels)}
+            report["server"] = {"started_here": True, "workers": workers or "server default",
+                                "max_queue": max_queue if max_queue is not None else "server default"}
             levels = measure(url)
     else:
         report["server"] = {"started_here": False}

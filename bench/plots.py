@@ -107,3 +107,90 @@ def _plot_concurrency(axis, measured: dict) -> None:
     axis.set_ylabel("speech tokens/s, summed over requests")
     axis.set_title(f"LLM stage, {measured['tokens_per_request']} tokens per request")
     axis.legend()
+
+
+def plot_streaming_overhead(report: dict, path: Path) -> None:
+    """Per length: streaming vs non-streaming compute per audio second; per flow call of the
+    longest streaming run: frames computed and milliseconds."""
+    lengths = report["lengths"]
+    figure, axes = plt.subplots(1, 2, figsize=(12, 5))
+    labels = [f"{length['non_streaming']['audio_s']:.1f} s" for length in lengths]
+    positions = range(len(lengths))
+    for offset, mode in ((-0.2, "non_streaming"), (0.2, "streaming")):
+        axes[0].bar([p + offset for p in positions],
+                    [length[mode]["compute_s_per_audio_s"] for length in lengths], 0.4,
+                    label=mode.replace("_", "-"))
+    for p, length in zip(positions, lengths):
+        axes[0].annotate(f"x{length['streaming_overhead']}", (p + 0.2, length["streaming"]["compute_s_per_audio_s"]),
+                         ha="center", va="bottom")
+    axes[0].set_xticks(list(positions), labels)
+    axes[0].set_ylabel("token-to-waveform compute s per audio s")
+    axes[0].set_title("streaming vs not (label: streaming_overhead)")
+    axes[0].legend()
+    calls = lengths[-1]["streaming_calls"]
+    flow = calls.get("flow", [])
+    axes[1].bar(range(len(flow)), [c["ms"] / 1000 for c in flow], label="flow s")
+    axes[1].plot(range(len(flow)), [c["frames_computed"] / 100 for c in flow], "k.-",
+                 label="flow frames computed / 100")
+    axes[1].plot(range(len(calls.get("vocoder", []))), [c["ms"] / 1000 for c in calls.get("vocoder", [])],
+                 "r.-", label="vocoder s")
+    axes[1].set_xlabel("call (last: final, full attention)")
+    axes[1].set_title(f"streaming calls, {lengths[-1]['non_streaming']['audio_s']:.1f} s of audio")
+    axes[1].legend()
+    axes[1].grid(alpha=0.3)
+    settings = report["settings"]
+    figure.suptitle(f"{settings['generation']} {settings['device']} {settings['dtype']}, carried state "
+                    f"{settings['carried_state']}\n{_title(report)}", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=80)
+    plt.close(figure)
+
+
+def plot_streaming_report(report: dict, path: Path) -> None:
+    """Streaming vs not per length; throughput and first audio per concurrency; batch sizes."""
+    streaming, loaded = report.get("streaming"), report.get("load")
+    figure, axes = plt.subplots(1, 3, figsize=(16, 5))
+    if streaming:
+        lengths = streaming["lengths"]
+        positions = range(len(lengths))
+        for offset, mode in ((-0.2, "non_streaming"), (0.2, "streaming")):
+            axes[0].bar([p + offset for p in positions], [length[mode]["compute_s_per_audio_s"] for length in lengths],
+                        0.4, label=mode.replace("_", "-"))
+        for p, length in zip(positions, lengths):
+            axes[0].annotate(f"x{length['streaming_overhead']}\nfirst chunk {length['streaming']['first_chunk_ms']['p50']:.0f} ms",
+                             (p + 0.2, length["streaming"]["compute_s_per_audio_s"]), ha="center", va="bottom",
+                             fontsize=8)
+        axes[0].set_xticks(list(positions), [f"{length['non_streaming']['audio_s']:.1f} s" for length in lengths])
+        axes[0].set_ylabel("token-to-waveform compute s per audio s")
+        axes[0].set_title("streaming vs not (label: streaming_overhead)")
+        axes[0].legend()
+    if loaded:
+        levels = loaded["levels"]
+        x = [level["concurrency"] for level in levels]
+        axes[1].plot(x, [level["throughput_audio_s_per_s"] for level in levels], "o-", label="audio s per s")
+        twin = axes[1].twinx()
+        twin.plot(x, [level["first_chunk_ms"]["p50"] for level in levels], "s--", color="tab:orange",
+                  label="first audio p50 (ms)")
+        twin.set_ylabel("first audio byte p50 (ms)")
+        axes[1].set_xlabel("concurrency")
+        axes[1].set_ylabel("aggregate audio seconds per second")
+        axes[1].set_xscale("log", base=2)
+        axes[1].set_xticks(x, [str(c) for c in x])
+        axes[1].set_title("HTTP sweep, default server settings")
+        axes[1].grid(alpha=0.3)
+        width = 0.8 / max(1, len(levels))
+        for index, level in enumerate(levels):
+            llm = level.get("batch_sizes", {}).get("llm", {})
+            if llm:
+                sizes = sorted(int(size) for size in llm)
+                axes[2].bar([s + index * width for s in sizes], [llm[size] if size in llm else llm[str(size)]
+                                                                  for size in sizes], width,
+                            label=f"LLM steps, concurrency {level['concurrency']}")
+        axes[2].set_xlabel("requests per batched LLM decode step")
+        axes[2].set_ylabel("steps")
+        axes[2].set_title("LLM batch sizes per level (/metrics)")
+        axes[2].legend(fontsize=8)
+    figure.suptitle(_title(report), fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=80)
+    plt.close(figure)

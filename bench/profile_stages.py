@@ -15,10 +15,17 @@ Measures, on a zero-shot request with a synthetic (or given) prompt:
              batched across requests vs each request's call on its own
 Random weights do not stop on their own: every run generates exactly --tokens speech tokens
 (bench.stage_timers.ForcedLength). See bench/README.md for the report's keys.
+
+With --streaming-overhead only this is measured (bench.streaming_overhead): about --seconds S of
+audio from the same speech tokens (LLM bypassed), streaming and not; the report's
+`streaming_overhead` is streaming token-to-waveform time / non-streaming time.
+
+    python -m bench.profile_stages --model-dir DIR --streaming-overhead --seconds 20 --out R.json
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import time
 from pathlib import Path
@@ -32,11 +39,11 @@ import torch  # noqa: E402
 
 import cosyvoice  # noqa: E402
 from cosyvoice.concurrency.llm_scheduler import BatchedLLM  # noqa: E402
-from cosyvoice.inference.synthesis import ModelInput, Synthesizer  # noqa: E402
+from cosyvoice.inference.synthesis import ModelInput  # noqa: E402
 
-from bench import flow_concurrency, llm_concurrency  # noqa: E402
+from bench import flow_concurrency, llm_concurrency, streaming_overhead  # noqa: E402
 from bench.environment import cpu_model, describe_run, load_average  # noqa: E402
-from bench.plots import plot_profile  # noqa: E402
+from bench.plots import plot_profile, plot_streaming_overhead  # noqa: E402
 from bench.report import default_path, write_report  # noqa: E402
 from bench.stage_timers import ForcedLength, TimedStage, flow_tokens, synchronize, vocoder_frames  # noqa: E402
 from bench.stats import summary  # noqa: E402
@@ -64,9 +71,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--concurrency-tokens", type=int, help="tokens per request there (default --tokens)")
     parser.add_argument("--flow-concurrency", type=int, default=0,
                         help="N of the flow concurrency measurement (1 vs N); 0 skips it")
+    parser.add_argument("--streaming-overhead", action="store_true",
+                        help="measure only streaming vs non-streaming token-to-waveform time")
+    parser.add_argument("--seconds", default="20",
+                        help="audio seconds of the --streaming-overhead runs (comma-separated: several)")
+    parser.add_argument("--recompute", action="store_true",
+                        help="stream without carried state (every chunk recomputes its prefix, as "
+                             "the reference does), for comparison")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="report path (default bench/results/profile-<time>.json)")
     args = parser.parse_args(argv)
+    try:
+        args.seconds = [float(value) for value in str(args.seconds).split(",")]
+    except ValueError:
+        parser.error("--seconds takes numbers, comma-separated")
     if args.tokens < 2 or args.repeats < 1 or args.concurrency < 0 or args.flow_concurrency < 0:
         parser.error("--tokens must be at least 2, --repeats at least 1, --concurrency and "
                      "--flow-concurrency at least 0")
@@ -136,7 +154,8 @@ def profile_streaming(tts, request: ModelInput, forced: ForcedLength, seed: int,
     """One streaming synthesis with timed flow and vocoder calls."""
     flow = TimedStage(tts.synthesizer.flow, device, "tokens", flow_tokens)
     hift = TimedStage(tts.synthesizer.hift, device, "mel_frames", vocoder_frames)
-    synthesizer = Synthesizer(tts.synthesizer.llm, flow, hift, token_hop=tts.settings.chunk_size)
+    synthesizer = copy.copy(tts.synthesizer)   # the model's own vocoding and settings, timed stages
+    synthesizer.flow, synthesizer.hift = flow, hift
     generator = torch.Generator(device).manual_seed(seed)
     arrivals, samples = [], 0
     started = time.perf_counter()
@@ -145,12 +164,16 @@ def profile_streaming(tts, request: ModelInput, forced: ForcedLength, seed: int,
         samples += len(chunk)
     total_s = arrivals[-1]
     audio_s = samples / tts.sample_rate
+    # A voice's first stream computes its prompt's flow state once (a call without new tokens).
+    prompt_calls = [c for c in flow.calls if c["tokens"] == 0]
+    calls = [c for c in flow.calls if c["tokens"] > 0]
     return {
         "streaming": {"first_chunk_ms": round(arrivals[0] * 1000, 2), "total_ms": round(total_s * 1000, 2),
                       "chunks": len(arrivals), "audio_s": round(audio_s, 3),
                       "rtf": round(total_s / audio_s, 4),
-                      "first_chunk_tokens": flow.calls[0]["tokens"]},
-        "flow": {"calls": flow.calls, "ms_per_chunk": summary([c["ms"] for c in flow.calls], 2)},
+                      "first_chunk_tokens": calls[0]["tokens"]},
+        "flow": {"calls": calls, "ms_per_chunk": summary([c["ms"] for c in calls], 2),
+                 "voice_prompt_state_ms": prompt_calls[0]["ms"] if prompt_calls else None},
         "vocoder": {"calls": hift.calls, "ms_per_chunk": summary([c["ms"] for c in hift.calls], 2)},
     }
 
@@ -179,6 +202,8 @@ def run(args: argparse.Namespace) -> dict:
     tts = cosyvoice.load(args.model_dir, device=device, dtype=getattr(torch, args.dtype),
                          llm_backend="torch-serial")
     load_s = time.perf_counter() - started
+    if args.recompute:
+        tts.synthesizer.carry_state = False
     llm = tts.synthesizer.llm                      # the SpeechLM itself (torch-serial)
     frontend, voice = profile_frontend(tts, args, device)
     text_ids = torch.tensor([tts.tokenizer.encode(args.text)], dtype=torch.int32)
@@ -186,6 +211,8 @@ def run(args: argparse.Namespace) -> dict:
                          voice.speech_feat, voice.embedding)
     forced = ForcedLength(llm.sampling, args.tokens, llm.speech_token_size)
     warm_up(tts, request, ForcedLength(llm.sampling, WARMUP_TOKENS, llm.speech_token_size), device)
+    if args.streaming_overhead:
+        return run_streaming_overhead(tts, args, request, device, report, load_s, frontend)
     report["settings"] = {"device": str(device), "dtype": args.dtype, "tokens": args.tokens,
                           "text": args.text, "text_tokens": int(text_ids.shape[1]),
                           "prompt_wav": str(args.prompt_wav) if args.prompt_wav else "synthetic",
@@ -210,6 +237,35 @@ def run(args: argparse.Namespace) -> dict:
             [1, args.flow_concurrency], device, llm.speech_token_size)
     report["load_average_end"] = load_average()
     return report
+
+
+def run_streaming_overhead(tts, args: argparse.Namespace, request: ModelInput, device: torch.device,
+                           report: dict, load_s: float, frontend: dict) -> dict:
+    report["kind"] = "streaming_overhead"
+    report["settings"] = {"device": str(device), "dtype": args.dtype, "seconds": args.seconds,
+                          "repeats": args.repeats, "seed": args.seed, "load_s": round(load_s, 2),
+                          "carried_state": bool(getattr(tts.synthesizer, "carry_state", False)),
+                          "generation": tts.generation,
+                          "prompt_wav": str(args.prompt_wav) if args.prompt_wav else "synthetic"}
+    report["frontend"] = frontend
+    report["load_average_start"] = load_average()
+    report["lengths"] = [streaming_overhead.measure(tts, request, seconds, args.repeats, device, args.seed)
+                         for seconds in args.seconds]
+    report["streaming_overhead"] = report["lengths"][-1]["streaming_overhead"]
+    report["load_average_end"] = load_average()
+    return report
+
+
+def format_overhead_summary(report: dict) -> str:
+    lines = []
+    for length in report["lengths"]:
+        stream, whole = length["streaming"], length["non_streaming"]
+        lines.append(f"{length['tokens']} tokens ({whole['audio_s']} s of audio, {length['prompt_tokens']}-token "
+                     f"prompt): streaming {stream['total_s']['p50']} s (first chunk "
+                     f"{stream['first_chunk_ms']['p50']} ms, {stream['chunks']} chunks), non-streaming "
+                     f"{whole['total_s']['p50']} s: streaming_overhead {length['streaming_overhead']} "
+                     f"(best runs {length['streaming_overhead_best']}, CPU time {length['streaming_overhead_cpu']})")
+    return "\n".join(lines)
 
 
 def format_summary(report: dict) -> str:
@@ -241,6 +297,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = args.out or default_path("profile")
     report = run(args)
+    if args.streaming_overhead:
+        print(format_overhead_summary(report))
+        png = write_report(report, out, plot_streaming_overhead)
+        print(f"wrote {out} and {png}")
+        return 0
     print(format_summary(report))
     png = write_report(report, out, plot_profile)
     print(f"wrote {out} and {png}")

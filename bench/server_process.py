@@ -32,16 +32,19 @@ def free_port() -> int:
 
 
 @contextmanager
-def local_server(model_dir: Path, *, workers: int, max_queue: int, device: str = "cpu",
+def local_server(model_dir: Path, *, workers: int | None, max_queue: int | None, device: str = "cpu",
                  dtype: str = "float32", voices_dir: Path | None = None,
                  ready_timeout_s: float = 600) -> Iterator[str]:
-    """Starts server.py, yields its base URL once /ready answers 200, and stops it."""
+    """Starts server.py, yields its base URL once /ready answers 200, and stops it. `workers` or
+    `max_queue` None: the server's default."""
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="bench-server-") as scratch:
         log_path = Path(scratch) / "server.log"
+        admission = [*(["--workers", str(workers)] if workers is not None else []),
+                     *(["--max-queue", str(max_queue)] if max_queue is not None else [])]
         command = [sys.executable, str(REPO_ROOT / "server.py"), "--model-dir", str(model_dir),
                    "--host", "127.0.0.1", "--port", str(port), "--device", device, "--dtype", dtype,
-                   "--workers", str(workers), "--max-queue", str(max_queue), "--cache-mb", "0",
+                   *admission, "--cache-mb", "0",
                    "--voices-dir", str(voices_dir or Path(scratch) / "voices"), "--log-level", "warning"]
         with open(log_path, "wb") as log:
             process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)

@@ -46,8 +46,9 @@ class ForcedLength:
 
 
 class TimedStage:
-    """Stands in for a flow or vocoder module: every `inference` call is timed (with the GPU
-    synchronised) and recorded as {size_name: size, "ms": ...}; other attributes pass through."""
+    """Stands in for a flow or vocoder module: every `inference` (and, for a vocoder that streams,
+    `stream`) call is timed (with the GPU synchronised) and recorded as {size_name: size, "ms": ...};
+    other attributes pass through. `size_of(*args, **kwargs)` is read before the call."""
 
     def __init__(self, stage, device: torch.device, size_name: str, size_of: Callable[..., int]):
         self._stage = stage
@@ -56,24 +57,30 @@ class TimedStage:
         self._size_of = size_of
         self.calls: list[dict] = []
 
+    def inference(self, *args, **kwargs):
+        return self._timed(self._stage.inference, args, kwargs)
+
     def __getattr__(self, name: str):
+        if name == "stream" and hasattr(self._stage, "stream"):
+            return lambda *args, **kwargs: self._timed(self._stage.stream, args, kwargs)
         return getattr(self._stage, name)
 
-    def inference(self, *args, **kwargs):
+    def _timed(self, call, args, kwargs):
+        size = self._size_of(*args, **kwargs)
         synchronize(self._device)
         started = time.perf_counter()
-        result = self._stage.inference(*args, **kwargs)
+        result = call(*args, **kwargs)
         synchronize(self._device)
-        self.calls.append({self._size_name: self._size_of(*args),
-                           "ms": round((time.perf_counter() - started) * 1000, 2)})
+        self.calls.append({self._size_name: size, "ms": round((time.perf_counter() - started) * 1000, 2)})
         return result
 
 
-def flow_tokens(token: torch.Tensor, *_args) -> int:
-    """Speech tokens a flow call renders (all tokens so far: the flow recomputes the prefix)."""
+def flow_tokens(token: torch.Tensor, *_args, **_kwargs) -> int:
+    """Speech tokens a flow call is given (all tokens so far)."""
     return int(token.shape[1])
 
 
-def vocoder_frames(mel: torch.Tensor, *_args) -> int:
-    """Mel frames a vocoder call renders (new frames plus the cached overlap)."""
+def vocoder_frames(mel: torch.Tensor, *_args, **_kwargs) -> int:
+    """Mel frames a vocoder call is given (CosyVoice2: new frames plus the cached overlap;
+    CosyVoice3: the whole mel so far, or the new frames when it streams)."""
     return int(mel.shape[2])

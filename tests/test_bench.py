@@ -65,6 +65,9 @@ def test_load_sweep_against_a_running_server(server, model_dir, tmp_path):
     check_environment(report, model_dir)
     check_levels(report, [1, 2])
     assert report["target"]["path"] == "/v1/audio/speech" and report["server"]["started_here"] is False
+    for level in report["levels"]:   # the LLM's batch sizes from /metrics: every request decoded
+        steps = level["batch_sizes"]["llm"]
+        assert steps and all(int(size) >= 1 and runs > 0 for size, runs in steps.items())
 
 
 def test_a_duration_run_records_no_request_count(server, tmp_path):
@@ -140,6 +143,37 @@ def test_profiler_on_the_tiny_model(model_dir, tmp_path):
         assert [row["tokens_total"] for row in rows] == [tokens, 2 * tokens]
         assert all(row["tokens_per_s"] > 0 for row in rows)
     assert all(ratio > 0 for ratio in concurrency["scaling"].values())
+
+
+def test_streaming_overhead_on_the_tiny_model(model_dir, tmp_path):
+    out = tmp_path / "overhead.json"
+    result = subprocess.run([sys.executable, "-m", "bench.profile_stages", "--model-dir", str(model_dir),
+                             "--streaming-overhead", "--seconds", "4", "--repeats", "1", "--out", str(out)],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = read_report(out)
+    check_environment(report, model_dir)
+    length = report["lengths"][0]
+    assert report["kind"] == "streaming_overhead" and report["settings"]["carried_state"] is True
+    assert length["tokens"] == 100 and report["streaming_overhead"] == length["streaming_overhead"] > 0
+    stream, whole = length["streaming"], length["non_streaming"]
+    assert stream["chunks"] >= 3 and whole["chunks"] == 1 and stream["audio_s"] == whole["audio_s"] == 4.0
+    flow, prompt = length["streaming_calls"]["flow"], length["prompt_tokens"]
+    # two carried chunks of new frames only (the voice prompt's state was computed before), the
+    # final call over everything
+    assert length["voice_prompt_state_s"] > 0 and len(flow) == 3
+    assert flow[-1]["frames_computed"] == 2 * (length["tokens"] + prompt)
+    prompt_pad = -prompt % 25   # aligns the first chunk's end with an attention chunk
+    held_prompt = (prompt - 3) // 25 * 25
+    assert [call["frames_computed"] for call in flow[:-1]] == [2 * (prompt + prompt_pad + 25 - held_prompt), 2 * 50]
+
+
+def test_batch_sizes_are_read_from_prometheus_buckets():
+    from bench.load import parse_batch_sizes
+    text = ('cosyvoice_llm_batch_size_bucket{le="1.0"} 4.0\ncosyvoice_llm_batch_size_bucket{le="2.0"} 4.0\n'
+            'cosyvoice_llm_batch_size_bucket{le="3.0"} 10.0\ncosyvoice_llm_batch_size_bucket{le="+Inf"} 10.0\n'
+            'cosyvoice_llm_batch_size_count 10.0\n')
+    assert parse_batch_sizes(text) == {"llm": {1: 4, 2: 0, 3: 6}}
 
 
 def test_forced_length_never_stops_early_and_always_stops_on_time():

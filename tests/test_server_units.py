@@ -94,12 +94,12 @@ def test_settings_flags_override_environment_which_overrides_defaults():
     env = {"COSYVOICE_MODEL_DIR": "/models/a", "COSYVOICE_PORT": "7000", "COSYVOICE_API_KEY": "secret"}
     settings = Settings.from_args(["--port", "7001"], environ=env)
     assert settings.model_dir == Path("/models/a") and settings.port == 7001
-    assert settings.api_key == "secret" and settings.host == "127.0.0.1" and settings.workers == 2
+    assert settings.api_key == "secret" and settings.host == "127.0.0.1" and settings.workers == 8
 
 
-@pytest.mark.parametrize("device, workers, resolved", [("cpu", "0", 2), ("cuda", "0", 8), ("cuda:0", "0", 8),
+@pytest.mark.parametrize("device, workers, resolved", [("cpu", "0", 8), ("cuda", "0", 8), ("cuda:0", "0", 8),
                                                        ("cuda", "3", 3), ("cpu", "5", 5)])
-def test_auto_workers_batch_more_on_a_gpu(device, workers, resolved):
+def test_auto_workers_admit_a_batch_of_eight(device, workers, resolved):
     settings = Settings.from_args(["--model-dir", "m", "--device", device, "--workers", workers], environ={})
     assert settings.workers == resolved
 

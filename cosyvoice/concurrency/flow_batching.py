@@ -12,7 +12,10 @@ frames leaves a GPU mostly idle. So concurrent requests' decoder calls are run a
 A call that finds nothing else waiting runs alone and unpadded, exactly as the plain decoder.
 In a batch, padding never reaches a real frame (causal convolutions, attention masked per row),
 so each request's mel equals its solo run up to float rounding. Streaming chunks (chunk
-attention) and final calls (full attention) share a batch; each row keeps its own mask.
+attention) and final calls (full attention) share a batch; each row keeps its own mask. A
+streaming chunk that carries its request's state from the earlier chunks (a `DecoderCarry`)
+brings only its new frames; in a batch with one, every row attends to its own held keys
+(padded to the longest) and its new ones.
 """
 from __future__ import annotations
 
@@ -23,6 +26,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from ..models.flow.carry import DecoderCarry
+
 
 @dataclass(eq=False)   # compared by identity (it holds tensors)
 class _Call:
@@ -31,6 +36,7 @@ class _Call:
     cond: Tensor        # [1, 80, T]
     n_timesteps: int
     streaming: bool
+    carry: DecoderCarry | None = None
     done: threading.Event = field(default_factory=threading.Event)
     result: Tensor | BaseException | None = None   # mel [1, 80, T], or the error to raise
 
@@ -47,9 +53,9 @@ class BatchedFlowDecoder:
         self._start_lock = threading.Lock()
 
     def __call__(self, mu: Tensor, mask: Tensor, spks: Tensor, cond: Tensor, n_timesteps: int = 10,
-                 streaming: bool = False) -> Tensor:
+                 streaming: bool = False, carry: DecoderCarry | None = None) -> Tensor:
         """mu, cond [1, 80, T]; mask [1, 1, T] (all ones); spks [1, 80] -> mel [1, 80, T] float32."""
-        call = _Call(mu, spks, cond, n_timesteps, streaming)
+        call = _Call(mu, spks, cond, n_timesteps, streaming, carry)
         self._ensure_running()
         self._waiting.put(call)
         call.done.wait()
@@ -94,16 +100,19 @@ class BatchedFlowDecoder:
         if len(batch) == 1:
             call = batch[0]
             mask = torch.ones_like(call.mu[:, :1])
+            carried = {} if call.carry is None else {"carry": call.carry}
             return [self.decoder(call.mu, mask, call.spks, call.cond, n_timesteps=call.n_timesteps,
-                                 streaming=call.streaming)]
+                                 streaming=call.streaming, **carried)]
         lengths = [call.mu.shape[2] for call in batch]
         mu, cond = self._pad([c.mu for c in batch]), self._pad([c.cond for c in batch])   # [B, 80, T]
         frame = torch.arange(mu.shape[2], device=mu.device)
         mask = (frame[None, :] < torch.tensor(lengths, device=mu.device)[:, None])[:, None].to(mu.dtype)
         spks = torch.cat([c.spks for c in batch])                                          # [B, 80]
         streaming = torch.tensor([c.streaming for c in batch], device=mu.device)           # [B]
+        carries = [c.carry for c in batch]
+        carried = {"carry": carries} if any(c is not None for c in carries) else {}
         mel = self.decoder(mu, mask, spks, cond, n_timesteps=batch[0].n_timesteps,
-                           streaming=streaming)                                            # [B, 80, T]
+                           streaming=streaming, **carried)                                 # [B, 80, T]
         return [mel[row:row + 1, :, :length] for row, length in enumerate(lengths)]
 
     @staticmethod

@@ -37,11 +37,23 @@ from ..loading.generations import COSYVOICE2, COSYVOICE3, Generation
 from ..loading.model_dir import ModelDir, load_stage, open_model_dir
 from ..voice import Voice
 from .prompts import CosyVoice2Prompts, CosyVoice3Prompts
-from .synthesis import CrossFadeVocoding, ModelInput, Synthesizer, WholeMelVocoding
+from .synthesis import CrossFadeVocoding, ModelInput, StateBudget, Synthesizer, WholeMelVocoding
 
 AudioInput = str | Path | bytes | np.ndarray
 SPEAKERS_FILE = "spk2info.pt"
 DEFAULT_GPU_FLOW_BATCH = 8
+# Share of the device's memory (RAM on a CPU) that streams' carried flow state may take together.
+STREAM_STATE_MEMORY_SHARE = 0.25
+
+
+def device_memory_bytes(device: torch.device) -> int | None:
+    """Total memory of the device (physical RAM for a CPU), or None when unknown."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def default_ttsfrd_resource(model_dir: Path) -> Path:
@@ -60,11 +72,15 @@ class CosyVoice:
     many concurrent requests' flow decoder calls may run as one batch (1: each runs alone). By
     default 8 on a GPU, where one call leaves most of the chip idle, and 1 on a CPU, where calls
     from parallel threads measured faster than one batch (bench.profile_stages --flow-concurrency).
+    `stream_state_mb` bounds the flow state that streams carry from chunk to chunk, all together
+    (default: a quarter of the device's memory; a stream over the bound recomputes its chunks'
+    prefix instead, like the reference; 0 always recomputes).
     """
 
     def __init__(self, model_dir: str | Path, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, ttsfrd_resource: str | Path | None = None,
-                 llm_backend: str | BackendFactory = "torch", flow_batch: int | None = None):
+                 llm_backend: str | BackendFactory = "torch", flow_batch: int | None = None,
+                 stream_state_mb: float | None = None):
         model = open_model_dir(model_dir)
         if model.generation is not self.generation_info:
             raise ModelDirError(f"{model.path} holds a {model.generation.name} model, not "
@@ -90,9 +106,15 @@ class CosyVoice:
         if flow_batch < 1:
             raise ValueError(f"flow_batch must be at least 1, got {flow_batch}")
         flow_decoder = BatchedFlowDecoder(flow.decoder, flow_batch) if flow_batch > 1 else flow.decoder
+        if stream_state_mb is None:
+            memory = device_memory_bytes(self.device)
+            state_limit = None if memory is None else int(memory * STREAM_STATE_MEMORY_SHARE)
+        else:
+            state_limit = int(stream_state_mb * 1024 * 1024)
         self.synthesizer = Synthesizer(llm, flow, hift, token_hop=self.settings.chunk_size,
                                        flow_decoder=flow_decoder, vocoding=self.vocoding,
-                                       silent_tokens=self.silent_tokens, max_silent_run=self.max_silent_run)
+                                       silent_tokens=self.silent_tokens, max_silent_run=self.max_silent_run,
+                                       state_budget=StateBudget(state_limit), carry_state=state_limit != 0)
         self._n_mels = flow.output_size
         self.speakers = self._load_speakers(self.model_dir / SPEAKERS_FILE)
 

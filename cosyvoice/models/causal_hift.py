@@ -9,6 +9,11 @@ samples that no later mel frame can change: 480 * (T - 8) of them, the start of 
 run over any longer mel with the same beginning (bit for bit where the conv backend sums in the
 same order for both lengths; oneDNN on CPU does not always, leaving float32 rounding noise).
 
+A stream need not run the vocoder over its whole mel for every chunk: `stream(new_mel, finalize,
+carry)` continues from a `VocoderCarry` (each conv's last input frames, the running phase sum,
+the source samples and spectrum frames the next samples still need) and returns the next
+samples, the same as those of one run over the whole mel.
+
 The excitation's noise is not drawn per call: it is a fixed uniform [0, 1) tensor of 300 s that the
 reference draws once while the yaml is built, from torch's CPU generator after the flow reseeds it.
 `draw_source_buffers` replays that draw (it needs sizes of the flow, which the vocoder does not
@@ -17,7 +22,8 @@ noise rows are only materialised as far as the longest call so far needs.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+import math
 import threading
 
 import torch
@@ -298,6 +304,25 @@ class CausalHiFTGenerator(HiFTBase):
         return speech.clamp(-self.audio_limit, self.audio_limit)
 
     @torch.no_grad()
+    def stream(self, mel: Tensor, finalize: bool, carry: "VocoderCarry") -> Tensor:
+        """The next samples of a stream: mel [B, C_mel, D] are the frames after those `carry` has
+        seen -> speech [B, S]. Concatenated, the returns equal `inference` over the whole mel
+        (non-final calls: its first 480 * (T - 8) samples; the final call: the rest), up to the
+        conv backend's length-dependent summation order."""
+        if carry.frames == 0:
+            if carry.mel is not None:   # too few frames for the first non-final call came before
+                mel = torch.cat([carry.mel, mel], dim=2)
+                carry.mel = None
+            if finalize:   # the whole utterance at once: exactly the plain run
+                speech, _ = self.inference(mel, finalize=True)
+                carry.frames = mel.shape[2]
+                return speech[:, carry.emitted:]
+            if mel.shape[2] <= self.look_ahead_frames:
+                carry.mel = mel
+                return mel.new_zeros(mel.shape[0], 0)
+        return _CarriedRun(self, carry, finalize).run(mel)
+
+    @torch.no_grad()
     def inference(self, mel: Tensor, finalize: bool = True) -> tuple[Tensor, Tensor]:
         """mel [B, C_mel, T] -> (speech [B, L], source [B, 1, S]).
 
@@ -335,3 +360,187 @@ class CausalDownsample(nn.Conv1d):
 
     def forward(self, x: Tensor) -> Tensor:
         return super().forward(F.pad(x, (self.stride[0] - 1, 0)))
+
+
+@dataclass
+class VocoderCarry:
+    """One stream's CausalHiFTGenerator state between `stream` calls (absolute indices count from
+    the stream's first mel frame, source sample, STFT frame).
+
+    frames: mel frames seen. mel: the last `look_ahead_frames` of them (the next call's conv_pre
+    and f0 look-ahead start there). cycles [B, H, 1] float64: running sum of the harmonics'
+    phase increments. source [B, L]: source samples from the first one the next STFT frame
+    reads. stft_frames: STFT frames computed. tails: per conv, the input frames its next call
+    reads first. spectrum [B, bins, F] complex, from frame spectrum_start: the frames the next
+    samples overlap. emitted: samples returned.
+    """
+    frames: int = 0
+    mel: Tensor | None = None
+    cycles: Tensor | None = None
+    source: Tensor | None = None
+    stft_frames: int = 0
+    tails: dict[int, Tensor] = field(default_factory=dict)
+    spectrum: Tensor | None = None
+    spectrum_start: int = 0
+    emitted: int = 0
+
+
+class _CarriedRun:
+    """One `CausalHiFTGenerator.stream` call over new mel frames, continuing from a VocoderCarry.
+
+    With T0 frames seen before and T after this call, a non-final call (like the reference's
+    finalize=False run over all T frames) computes f0 up to frame T - 3, conv_pre up to T - 7 and
+    STFT frames up to 120 (T - 7), and emits samples up to 480 (T - 8); the final call computes
+    everything up to T with the reference's right-edge padding. Each stage starts where the
+    previous call stopped, its causal convs fed their held input frames.
+    """
+
+    def __init__(self, hift: CausalHiFTGenerator, carry: VocoderCarry, finalize: bool):
+        self.hift = hift
+        self.carry = carry
+        self.finalize = finalize
+        self.first = carry.frames == 0
+
+    # ---- convs with held input frames ----------------------------------------------------------
+
+    def conv(self, layer: nn.Conv1d, x: Tensor, pad: int) -> Tensor:
+        """A conv that pads `pad` frames on the left, on new input frames x [B, C, n]: the held
+        frames (zeros at the stream start) go in front, and the inputs that no output window has
+        started at yet are held for the next call."""
+        tail = self.carry.tails.get(id(layer))
+        if tail is None:
+            tail = x.new_zeros(x.shape[0], x.shape[1], pad)
+        x = torch.cat([tail, x], dim=2)
+        stride, width = layer.stride[0], layer.dilation[0] * (layer.kernel_size[0] - 1) + 1
+        outputs = max(0, (x.shape[2] - width) // stride + 1)
+        self.carry.tails[id(layer)] = x[:, :, outputs * stride:]
+        return nn.Conv1d.forward(layer, x)
+
+    def resblock(self, block: nn.Module, x: Tensor) -> Tensor:
+        for conv1, conv2, act1, act2 in zip(block.convs1, block.convs2, block.activations1, block.activations2):
+            h = self.conv(conv1, act1(x), conv1.pad)
+            x = x + self.conv(conv2, act2(h), conv2.pad)
+        return x
+
+    # ---- stages ----------------------------------------------------------------------------------
+
+    def run(self, mel: Tensor) -> Tensor:
+        hift, carry = self.hift, self.carry
+        start = carry.frames                                     # mel frames seen before
+        frames = start + mel.shape[2]
+        look_ahead = hift.look_ahead_frames                      # 3 (f0) + 4 (conv_pre)
+        f0_ahead = hift.f0_predictor.look_ahead
+        window = mel if carry.mel is None else torch.cat([carry.mel, mel], dim=2)
+        window_start = frames - window.shape[2]                  # absolute frame of window[..., 0]
+        carry.mel = window[:, :, -look_ahead:]
+        carry.frames = frames
+
+        def mel_from(frame: int) -> Tensor:
+            return window[:, :, frame - window_start:]
+
+        f0_from, f0_to = max(0, start - f0_ahead), frames if self.finalize else frames - f0_ahead
+        dec_from, dec_to = max(0, start - look_ahead), frames if self.finalize else frames - look_ahead
+        f0 = self.f0(mel_from(f0_from)[:, :, :f0_to - f0_from + (0 if self.finalize else f0_ahead)])
+        source = self.source(f0, f0_from)                                      # [B, 480 (f0_to - f0_from)]
+        s_stft = self.stft(source, last_frame=hift.upsample_factor * dec_to)
+        x = hift.conv_pre(mel_from(dec_from)[:, :, :dec_to - dec_from + (0 if self.finalize else hift.conv_pre_look_right)],
+                          context=not self.finalize)                          # [B, base, dec_to - dec_from]
+        spectrum = self.stages(x, s_stft)
+        end = hift.samples_per_frame * (frames if self.finalize else frames - look_ahead - 1)
+        return self.istft(spectrum, end).clamp(-hift.audio_limit, hift.audio_limit)
+
+    def f0(self, mel: Tensor) -> Tensor:
+        """f0 of the new frames [B, n] (float64 predictor, result in the mel's dtype)."""
+        predictor = self.hift.f0_predictor
+        if any(p.dtype != torch.float64 for p in predictor.parameters()):
+            with _f0_cast_lock:
+                predictor.double()
+        x = predictor.condnet[0](mel.to(torch.float64), context=not self.finalize)
+        for layer in predictor.condnet[1:]:
+            x = self.conv(layer, x, layer.pad) if isinstance(layer, CausalConv1d) else layer(x)
+        return predictor.classifier(x.transpose(1, 2)).squeeze(-1).abs().to(mel.dtype)
+
+    def source(self, f0: Tensor, first_frame: int) -> Tensor:
+        """Excitation samples of f0's frames [B, 480 n], continuing the phase and the noise rows."""
+        hift, carry = self.hift, self.carry
+        module = hift.m_source
+        if module.sine_noise is None:
+            module.sine_waves(f0[:, :0, None])   # raises the missing-buffers error
+        f0_up = hift.upsample_f0(f0)                                        # [B, L, 1]
+        first_sample = first_frame * hift.samples_per_frame
+        noise = module.sine_noise.head(first_sample + f0_up.shape[1], f0.device)[:, first_sample:]
+        if carry.cycles is None:
+            carry.cycles = torch.zeros(f0.shape[0], module.l_linear.in_features, 1, dtype=torch.float64,
+                                       device=f0.device)
+        rand_ini = module.rand_ini.to(f0.device) if first_sample == 0 else None
+        sine_waves, _, _ = module.sine_gen.generate(f0_up, rand_ini, noise, cycles=carry.cycles)
+        return torch.tanh(module.l_linear(sine_waves)).squeeze(-1)          # [B, L]
+
+    def stft(self, source: Tensor, last_frame: int) -> Tensor:
+        """STFT frames from the first not yet computed through `last_frame` (inclusive):
+        [B, 2 * bins, n], the reference's center=True frames (reflect padding at the stream's two
+        ends only)."""
+        hift, carry = self.hift, self.carry
+        half = hift.n_fft // 2
+        first = carry.stft_frames
+        samples = source if carry.source is None else torch.cat([carry.source, source], dim=1)
+        origin = hift.hop * first - half            # absolute sample of samples[:, 0] (before padding)
+        padded = samples
+        if first == 0:
+            padded = F.pad(padded[:, None], (half, 0), mode="reflect")[:, 0]
+            origin = 0
+        if self.finalize:
+            padded = F.pad(padded[:, None], (0, half), mode="reflect")[:, 0]
+        spec = torch.stft(padded, hift.n_fft, hift.hop, hift.n_fft, window=hift.window, center=False,
+                          return_complex=True)[:, :, :last_frame + 1 - first]
+        carry.stft_frames = last_frame + 1
+        keep = hift.hop * carry.stft_frames - half - origin
+        carry.source = samples[:, keep:]
+        return torch.cat([spec.real, spec.imag], dim=1)
+
+    def stages(self, x: Tensor, s_stft: Tensor) -> Tensor:
+        """conv_pre output and STFT frames -> complex spectrum frames [B, bins, n] (_decode_stages)."""
+        hift = self.hift
+        for i, up in enumerate(hift.ups):
+            x = F.interpolate(F.leaky_relu(x, hift.lrelu_slope), scale_factor=up.rate, mode="nearest")
+            x = self.conv(up, x, up.kernel_size[0] - 1)
+            if i == len(hift.ups) - 1 and self.first:
+                x = F.pad(x, (1, 0), mode="reflect")
+            down = hift.source_downs[i]
+            pad = down.stride[0] - 1 if isinstance(down, CausalDownsample) else down.pad
+            si = self.resblock(hift.source_resblocks[i], self.conv(down, s_stft, pad))
+            x = x + si
+            blocks = hift.resblocks[i * hift.num_kernels:(i + 1) * hift.num_kernels]
+            x = sum(self.resblock(block, x) for block in blocks) / hift.num_kernels
+        x = self.conv(hift.conv_post, F.leaky_relu(x), hift.conv_post.pad)
+        magnitude = torch.exp(x[:, :hift.freq_bins]).clamp(max=1e2)
+        phase = torch.sin(x[:, hift.freq_bins:])
+        return torch.complex(magnitude * torch.cos(phase), magnitude * torch.sin(phase))
+
+    def istft(self, spectrum: Tensor, end: int) -> Tensor:
+        """Samples [emitted, end) by overlap-add of the spectrum frames that reach them, as
+        torch.istft(center=True) over all frames computes them."""
+        hift, carry = self.hift, self.carry
+        n_fft, hop, half = hift.n_fft, hift.hop, hift.n_fft // 2
+        if carry.spectrum is not None:
+            spectrum = torch.cat([carry.spectrum, spectrum], dim=2)
+        first = carry.spectrum_start
+        begin = carry.emitted
+        # Sample s (after the centre trim) is overlap-add index s + half, reached by frames f with
+        # hop * f <= s + half < hop * f + n_fft.
+        lo = max(first, -(-(begin + half - n_fft + 1) // hop))
+        hi = min(first + spectrum.shape[2] - 1, (end - 1 + half) // hop)
+        frames = spectrum[:, :, lo - first:hi - first + 1]
+        count = frames.shape[2]
+        wave = torch.fft.irfft(frames.transpose(1, 2), n=n_fft, dim=-1) * hift.window     # [B, F, n_fft]
+        length = hop * (count - 1) + n_fft
+        ola = torch.ops.aten.unfold_backward(wave, [wave.shape[0], length], 1, n_fft, hop)
+        envelope = torch.ops.aten.unfold_backward(hift.window.pow(2).expand(1, count, n_fft), [1, length],
+                                                  1, n_fft, hop)
+        offset = hop * lo - half                                   # sample index of ola[:, 0]
+        speech = (ola / envelope)[:, begin - offset:end - offset]
+        carry.emitted = end
+        next_lo = -(-(end + half - n_fft + 1) // hop)
+        carry.spectrum = spectrum[:, :, max(0, next_lo - first):]
+        carry.spectrum_start = max(first, next_lo)
+        return speech

@@ -155,16 +155,30 @@ class SineGen(nn.Module):
         sine_waves, uv, _ = self.generate(f0, rand_ini, noise.sine_noise)
         return sine_waves, uv
 
-    def generate(self, f0: Tensor, rand_ini: Tensor, unit_noise: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def generate(self, f0: Tensor, rand_ini: Tensor | None, unit_noise: Tensor,
+                 cycles: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """f0 [B, L, 1], initial phases [B or 1, H], noise before scaling [B or 1, L, H]
-        -> (sine_waves [B, L, H], uv [B, L, 1], scaled noise [B, L, H])."""
+        -> (sine_waves [B, L, H], uv [B, L, 1], scaled noise [B, L, H]).
+
+        `cycles` [B, H, 1] float64 continues an earlier call (its f0 ended where this one starts):
+        the running sum of phase increments, updated in place. Torch's CPU cumsum keeps its sum in
+        float64, so carrying it that way gives the bits of one call over both. `rand_ini` None:
+        no initial phase (a continuation does not start at sample 0).
+        """
         multiples = torch.arange(1, self.num_harmonics + 2, device=f0.device, dtype=f0.dtype)
         rad = (f0 * multiples / self.sampling_rate) % 1  # [B, L, H] cycles per sample
-        rad[:, 0, :] = rad[:, 0, :] + rand_ini
+        if rand_ini is not None:
+            rad[:, 0, :] = rad[:, 0, :] + rand_ini
 
         up = self.samples_per_frame
         rad = F.interpolate(rad.transpose(1, 2), scale_factor=1 / up, mode="linear")       # [B, H, T]
-        phase = torch.cumsum(rad, dim=-1) * 2 * math.pi                                     # [B, H, T]
+        if cycles is None:
+            total = torch.cumsum(rad, dim=-1)
+        else:
+            running = torch.cumsum(torch.cat([cycles, rad.double()], dim=-1), dim=-1)     # [B, H, 1 + T]
+            cycles.copy_(running[..., -1:])
+            total = running[..., 1:].to(rad.dtype)
+        phase = total * 2 * math.pi                                                         # [B, H, T]
         phase = F.interpolate(phase * up, scale_factor=up, mode=self.phase_upsample)       # [B, H, L]
         sines = torch.sin(phase).transpose(1, 2) * self.sine_amp                           # [B, L, H]
 

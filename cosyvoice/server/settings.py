@@ -13,7 +13,11 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 ENV_PREFIX = "COSYVOICE_"
-DEFAULT_GPU_WORKERS = 8
+# Requests admitted at once, CPU or GPU. Their LLM steps are batched (up to this many rows) and
+# their flow calls overlap. On a 2-core CPU with full-size CosyVoice2 and 8 clients, LLM decode steps
+# then carry 6-8 requests each (bench/results/cpu-full-cv2-streaming.json); the earlier CPU default
+# of 2 admitted requests rarely formed a batch.
+DEFAULT_WORKERS = 8
 # the names both uvicorn (lower case) and logging (upper case, see logs.py) understand
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 LLM_BACKENDS = ("trtllm", "torch")
@@ -51,7 +55,7 @@ class Settings:
                 "else links relative to the server"})
     workers: int = field(default=0, metadata={
         "help": "requests synthesised at the same time (their LLM steps and, on a GPU, flow passes are "
-                "batched); 0: 8 on a GPU, 2 on a CPU"})
+                "batched); 0: 8"})
     max_queue: int = field(default=16, metadata={"help": "requests waiting for a worker before 503"})
     max_text_chars: int = field(default=2000, metadata={"help": "longest text accepted"})
     max_upload_mb: float = field(default=25.0, metadata={"help": "largest request body (prompt upload) in MiB"})
@@ -124,8 +128,8 @@ class Settings:
         return cls(**values).validated(parser)
 
     def __post_init__(self):
-        if self.workers == 0:   # auto: a GPU runs a batch of 8 for about the cost of one request
-            object.__setattr__(self, "workers", 2 if self.device == "cpu" else DEFAULT_GPU_WORKERS)
+        if self.workers == 0:   # auto: see DEFAULT_WORKERS
+            object.__setattr__(self, "workers", DEFAULT_WORKERS)
 
     def torch_dtype(self) -> str:
         """The dtype name to load with. float16 on a GPU: of the two half types it stays closer to

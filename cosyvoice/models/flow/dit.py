@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .carry import CarryPass
 from .estimator import CausalConditionalDecoder, CausalConv1d, timestep_embedding
 
 TIME_FREQ_DIM = 256      # sinusoid width of the time embedding (fixed in upstream)
@@ -60,8 +61,11 @@ class CausalConvPositionEmbedding(nn.Module):
         self.conv1 = nn.Sequential(CausalConv1d(dim, dim, POS_CONV_KERNEL, groups=POS_CONV_GROUPS), nn.Mish())
         self.conv2 = nn.Sequential(CausalConv1d(dim, dim, POS_CONV_KERNEL, groups=POS_CONV_GROUPS), nn.Mish())
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.conv2(self.conv1(x.transpose(1, 2))).transpose(1, 2)
+    def forward(self, x: Tensor, carry: CarryPass | None = None) -> Tensor:
+        h = x.transpose(1, 2)
+        for conv, mish in (self.conv1, self.conv2):
+            h = mish(conv(h, carry))
+        return h.transpose(1, 2)
 
 
 class InputEmbedding(nn.Module):
@@ -72,11 +76,11 @@ class InputEmbedding(nn.Module):
         self.proj = nn.Linear(2 * mel_dim + mu_dim + spk_dim, dim)
         self.conv_pos_embed = CausalConvPositionEmbedding(dim)
 
-    def forward(self, x: Tensor, cond: Tensor, mu: Tensor, spks: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cond: Tensor, mu: Tensor, spks: Tensor, carry: CarryPass | None = None) -> Tensor:
         # x, cond [B, T, mel_dim]; mu [B, T, mu_dim]; spks [B, spk_dim] -> [B, T, dim]
         spks = spks[:, None, :].expand(-1, x.shape[1], -1)
         h = self.proj(torch.cat([x, cond, mu, spks], dim=-1))
-        return h + self.conv_pos_embed(h)
+        return h + self.conv_pos_embed(h, carry)
 
 
 class RotaryEmbedding(nn.Module):
@@ -101,8 +105,12 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, length: int) -> tuple[Tensor, Tensor]:
         """(cos, sin), each [T, dim] float32, angle theta_{p,i} in slots 2i and 2i+1."""
-        position = torch.arange(length, device=self.inv_freq.device, dtype=torch.float32)
-        angle = (position[:, None] * self.inv_freq.float()[None, :]).repeat_interleave(2, dim=-1)
+        return self.at(torch.arange(length, device=self.inv_freq.device))
+
+    def at(self, position: Tensor) -> tuple[Tensor, Tensor]:
+        """(cos, sin) at the given positions [...] -> [..., dim] float32 each."""
+        position = position.to(self.inv_freq.device, torch.float32)
+        angle = (position[..., None] * self.inv_freq.float()).repeat_interleave(2, dim=-1)
         return angle.cos(), angle.sin()
 
 
@@ -130,17 +138,21 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(dim, inner)
         self.to_out = nn.Sequential(nn.Linear(inner, dim))   # a Sequential keeps the name to_out.0
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], bias: Tensor | None, frame_mask: Tensor) -> Tensor:
-        # x [B, T, dim]; bias [T, T] or [B, 1, T, T] added to the scores, or None (= full attention);
-        # frame_mask [B, T, 1], 0 on padded frames
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], bias: Tensor | None, frame_mask: Tensor,
+                carry: CarryPass | None = None) -> Tensor:
+        # x [B, T, dim]; bias [T, K] or [B, 1, T, K] added to the scores, or None (= full attention),
+        # K = T, or with a carry the held frames' keys first (K = held + T); frame_mask [B, T, 1],
+        # 0 on padded frames
         batch, length, _ = x.shape
 
         def heads(y: Tensor) -> Tensor:   # [B, T, inner] -> [B, H, T, dim_head]
             return y.view(batch, length, self.heads, -1).transpose(1, 2)
 
         q = apply_rotary(self.to_q(x), rope)
-        k = apply_rotary(self.to_k(x), rope)
-        out = F.scaled_dot_product_attention(heads(q), heads(k), heads(self.to_v(x)), attn_mask=bias)
+        keys, values = heads(apply_rotary(self.to_k(x), rope)), heads(self.to_v(x))
+        if carry is not None:
+            keys, values = carry.keys_values(self, keys, values)
+        out = F.scaled_dot_product_attention(heads(q), keys, values, attn_mask=bias)
         out = self.to_out(out.transpose(1, 2).reshape(batch, length, -1))   # [B, T, dim]
         return out * frame_mask
 
@@ -190,10 +202,10 @@ class DiTBlock(nn.Module):
         self.ff = FeedForward(dim, ff_mult)
 
     def forward(self, x: Tensor, temb: Tensor, rope: tuple[Tensor, Tensor], bias: Tensor | None,
-                frame_mask: Tensor) -> Tensor:
+                frame_mask: Tensor, carry: CarryPass | None = None) -> Tensor:
         # x [B, T, dim], temb [B, dim] -> [B, T, dim]
         shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = self.attn_norm(temb)
-        x = x + gate_a * self.attn(modulated_norm(x, shift_a, scale_a), rope, bias, frame_mask)
+        x = x + gate_a * self.attn(modulated_norm(x, shift_a, scale_a), rope, bias, frame_mask, carry)
         return x + gate_f * self.ff(modulated_norm(x, shift_f, scale_f))
 
 
@@ -230,13 +242,21 @@ class DiT(nn.Module):
     attention_bias = CausalConditionalDecoder.attention_bias
 
     def forward(self, x: Tensor, mask: Tensor, mu: Tensor, t: Tensor, spks: Tensor, cond: Tensor,
-                bias: Tensor | None) -> Tensor:
+                bias: Tensor | None, carry: CarryPass | None = None) -> Tensor:
         # x, mu, cond [B, 80, T]; mask [B, 1, T]; t [B]; spks [B, 80]; bias from attention_bias()
-        # -> [B, 80, T]
+        # -> [B, 80, T]. With a carry, T are the new frames of a streaming call that continues
+        # earlier ones: rotary positions continue from the frames held (bias from carry.span.allowed).
         temb = self.time_embed(t)                                                     # [B, dim]
-        h = self.input_embed(x.transpose(1, 2), cond.transpose(1, 2), mu.transpose(1, 2), spks)  # [B, T, dim]
-        rope = self.rotary_embed(x.shape[-1])                                          # 2 x [T, dim_head]
+        h = self.input_embed(x.transpose(1, 2), cond.transpose(1, 2), mu.transpose(1, 2), spks,
+                             carry)                                                    # [B, T, dim]
+        if carry is None:
+            rope = self.rotary_embed(x.shape[-1])                                      # 2 x [T, dim_head]
+        else:   # [T, dim_head], or [R, T, dim_head] per request -> per row (conditioned, then not)
+            rope = self.rotary_embed.at(carry.span.positions(x.device))
+            if rope[0].dim() == 3:
+                repeat = x.shape[0] // rope[0].shape[0]
+                rope = tuple(r.repeat(repeat, 1, 1) for r in rope)
         frame_mask = mask.transpose(1, 2)                                              # [B, T, 1]
         for block in self.transformer_blocks:
-            h = block(h, temb, rope, bias, frame_mask)
+            h = block(h, temb, rope, bias, frame_mask, carry)
         return self.proj_out(self.norm_out(h, temb)).transpose(1, 2)

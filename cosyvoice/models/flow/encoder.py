@@ -15,24 +15,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
-def chunk_attention_mask(length: int, chunk_size: int, device: torch.device) -> Tensor:
-    """[T, T] bool, True where query i may attend key j: every earlier chunk plus its own."""
-    position = torch.arange(length, device=device)
-    chunk_end = (position // chunk_size + 1) * chunk_size  # first key index a query may not see
-    return position[None, :] < chunk_end[:, None]
+from .carry import CarryPass, chunk_attention_mask
 
 
-def relative_position_table(length: int, d_model: int, device: torch.device) -> Tensor:
-    """[2T-1, d_model] sinusoids for relative distances T-1, T-2, ..., -(T-1) (row 0 = T-1).
+def relative_position_table(length: int, d_model: int, device: torch.device, keys: int | None = None) -> Tensor:
+    """[K+T-1, d_model] sinusoids for relative distances K-1, K-2, ..., -(T-1) (row 0 = K-1): what
+    T queries need against K keys, K = T by default (2T-1 rows), or K = held + T when the queries
+    are the last T of K frames (a carried streaming call).
 
     Even columns hold sin(r * w_k), odd columns cos(r * w_k), w_k = 10000^(-2k / d_model).
     """
-    distance = torch.arange(length - 1, -length, -1, device=device, dtype=torch.float32)
+    keys = length if keys is None else keys
+    distance = torch.arange(keys - 1, -length, -1, device=device, dtype=torch.float32)
     freq = torch.exp(torch.arange(0, d_model, 2, device=device, dtype=torch.float32)
                      * -(math.log(10000.0) / d_model))
-    angle = distance[:, None] * freq[None, :]  # [2T-1, d_model/2]
-    table = torch.empty(2 * length - 1, d_model, device=device, dtype=torch.float32)
+    angle = distance[:, None] * freq[None, :]  # [K+T-1, d_model/2]
+    table = torch.empty(distance.shape[0], d_model, device=device, dtype=torch.float32)
     table[:, 0::2] = torch.sin(angle)
     table[:, 1::2] = torch.cos(angle)
     return table
@@ -67,20 +65,27 @@ class RelPositionMultiHeadAttention(nn.Module):
         self.pos_bias_u = nn.Parameter(torch.zeros(n_heads, self.d_head))  # content bias
         self.pos_bias_v = nn.Parameter(torch.zeros(n_heads, self.d_head))  # position bias
 
-    def forward(self, x: Tensor, pos_table: Tensor, allowed: Tensor | None) -> Tensor:
-        # x [B, T, C], pos_table [2T-1, C], allowed [T, T] bool or None (= full attention)
+    def forward(self, x: Tensor, pos_table: Tensor, allowed: Tensor | None,
+                carry: CarryPass | None = None) -> Tensor:
+        # x [B, T, C], pos_table [K+T-1, C] (relative_position_table), allowed [T, K] bool or None
+        # (= full attention). K = T, or with a carry (x = the last T of K frames) the held frames' too.
         batch, length, _ = x.shape
         q = self.linear_q(x).view(batch, length, self.n_heads, self.d_head)  # [B, T, H, D]
         k = self.linear_k(x).view(batch, length, self.n_heads, self.d_head).transpose(1, 2)
         v = self.linear_v(x).view(batch, length, self.n_heads, self.d_head).transpose(1, 2)
-        p = self.linear_pos(pos_table).view(-1, self.n_heads, self.d_head).transpose(0, 1)  # [H, 2T-1, D]
+        if carry is not None:
+            k, v = carry.keys_values(self, k, v)  # [B, H, K, D]
+        keys = k.shape[2]
+        p = self.linear_pos(pos_table).view(-1, self.n_heads, self.d_head).transpose(0, 1)  # [H, K+T-1, D]
 
-        content = (q + self.pos_bias_u).transpose(1, 2) @ k.transpose(-2, -1)  # [B, H, T, T]
-        position = (q + self.pos_bias_v).transpose(1, 2) @ p.transpose(-2, -1)  # [B, H, T, 2T-1]
-        # Score of (i, j) uses the table row for distance i-j, which is row (T-1) - (i-j).
+        content = (q + self.pos_bias_u).transpose(1, 2) @ k.transpose(-2, -1)  # [B, H, T, K]
+        position = (q + self.pos_bias_v).transpose(1, 2) @ p.transpose(-2, -1)  # [B, H, T, K+T-1]
+        # Query i is frame K-T+i; its score with key j uses the table row for distance K-T+i-j,
+        # which is row (K-1) - (K-T+i-j) = (T-1) - i + j.
         query = torch.arange(length, device=x.device)
-        rows = (length - 1 - query[:, None] + query[None, :]).expand(batch, self.n_heads, -1, -1)
-        position = position.gather(-1, rows)  # [B, H, T, T]
+        key = torch.arange(keys, device=x.device)
+        rows = (length - 1 - query[:, None] + key[None, :]).expand(batch, self.n_heads, -1, -1)
+        position = position.gather(-1, rows)  # [B, H, T, K]
 
         scores = (content + position) / math.sqrt(self.d_head)
         if allowed is not None:
@@ -110,8 +115,9 @@ class ConformerLayer(nn.Module):
         self.norm_mha = nn.LayerNorm(d_model, eps=1e-12)
         self.norm_ff = nn.LayerNorm(d_model, eps=1e-12)
 
-    def forward(self, x: Tensor, pos_table: Tensor, allowed: Tensor | None) -> Tensor:
-        x = x + self.self_attn(self.norm_mha(x), pos_table, allowed)
+    def forward(self, x: Tensor, pos_table: Tensor, allowed: Tensor | None,
+                carry: CarryPass | None = None) -> Tensor:
+        x = x + self.self_attn(self.norm_mha(x), pos_table, allowed, carry)
         return x + self.feed_forward(self.norm_ff(x))
 
 
@@ -132,13 +138,15 @@ class PreLookaheadLayer(nn.Module):
         self.conv1 = nn.Conv1d(channels, hidden_channels, kernel_size=lookahead + 1)
         self.conv2 = nn.Conv1d(hidden_channels, channels, kernel_size=causal_kernel)
 
-    def forward(self, x: Tensor, context: Tensor | None) -> Tensor:
-        # x [B, T, C], context [B, L, C] or None -> [B, T, C]
+    def forward(self, x: Tensor, context: Tensor | None, carry: CarryPass | None = None) -> Tensor:
+        # x [B, T, C], context [B, L, C] or None -> [B, T, C]. With a carry, x are the frames after
+        # the ones held, whose last conv1 outputs pad conv2 on the left instead of zeros.
         h = x if context is None else torch.cat([x, context], dim=1)
         missing = x.shape[1] + self.lookahead - h.shape[1]  # right frames without context: zeros
         h = F.pad(h.transpose(1, 2), (0, missing))  # [B, C, T+L]
         h = F.leaky_relu(self.conv1(h), negative_slope=0.01)  # [B, C, T]
-        h = self.conv2(F.pad(h, (self.conv2.kernel_size[0] - 1, 0)))
+        pad = self.conv2.kernel_size[0] - 1
+        h = self.conv2(F.pad(h, (pad, 0)) if carry is None else carry.causal_input(self.conv2, h, pad))
         return h.transpose(1, 2) + x
 
 
@@ -150,9 +158,10 @@ class Upsample1D(nn.Module):
         self.stride = stride
         self.conv = nn.Conv1d(channels, channels, kernel_size=2 * stride + 1)
 
-    def forward(self, x: Tensor) -> Tensor:  # [B, C, T] -> [B, C, stride*T]
+    def forward(self, x: Tensor, carry: CarryPass | None = None) -> Tensor:  # [B, C, T] -> [B, C, stride*T]
         x = torch.repeat_interleave(x, self.stride, dim=2)
-        return self.conv(F.pad(x, (2 * self.stride, 0)))
+        pad = 2 * self.stride
+        return self.conv(F.pad(x, (pad, 0)) if carry is None else carry.causal_input(self.conv, x, pad))
 
 
 class UpsampleConformerEncoder(nn.Module):
@@ -196,23 +205,32 @@ class UpsampleConformerEncoder(nn.Module):
             ConformerLayer(output_size, attention_heads, linear_units) for _ in range(num_up_blocks))
         self.after_norm = nn.LayerNorm(output_size, eps=1e-5)
 
-    def _run_layers(self, layers: nn.ModuleList, x: Tensor, chunk_size: int, streaming: bool) -> Tensor:
+    def _run_layers(self, layers: nn.ModuleList, x: Tensor, chunk_size: int, streaming: bool,
+                    carry: CarryPass | None) -> Tensor:
         length = x.shape[1]
-        pos_table = relative_position_table(length, self.output_size, x.device).to(x.dtype)
-        allowed = chunk_attention_mask(length, chunk_size, x.device) if streaming and chunk_size > 0 else None
+        start = 0 if carry is None else carry.start
+        pos_table = relative_position_table(length, self.output_size, x.device, keys=start + length).to(x.dtype)
+        allowed = None
+        if streaming and chunk_size > 0:
+            allowed = chunk_attention_mask(length, chunk_size, x.device, start=start)
         for layer in layers:
-            x = layer(x, pos_table, allowed)
+            x = layer(x, pos_table, allowed, carry)
         return x
 
-    def forward(self, x: Tensor, context: Tensor | None = None, streaming: bool = False) -> Tensor:
+    def forward(self, x: Tensor, context: Tensor | None = None, streaming: bool = False,
+                carry: tuple[CarryPass, CarryPass] | None = None) -> Tensor:
         # x [B, T, input_size]; context [B, pre_lookahead_len, input_size] or None
+        # carry: (token-rate pass, mel-rate pass) of one streaming request continuing earlier calls;
+        # x then holds only the tokens after those held.
+        tokens, frames = carry if carry is not None else (None, None)
         x = self.embed(x)  # [B, T, C]
         if context is not None:
             context = self.embed(context)
-        x = self.pre_lookahead_layer(x, context)
-        x = self._run_layers(self.encoders, x, self.static_chunk_size, streaming)
+        x = self.pre_lookahead_layer(x, context, tokens)
+        x = self._run_layers(self.encoders, x, self.static_chunk_size, streaming, tokens)
 
-        x = self.up_layer(x.transpose(1, 2)).transpose(1, 2)  # [B, stride*T, C]
+        x = self.up_layer(x.transpose(1, 2), frames).transpose(1, 2)  # [B, stride*T, C]
         x = self.up_embed(x)
-        x = self._run_layers(self.up_encoders, x, self.static_chunk_size * self.upsample_stride, streaming)
+        x = self._run_layers(self.up_encoders, x, self.static_chunk_size * self.upsample_stride, streaming,
+                             frames)
         return self.after_norm(x)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .encoder import chunk_attention_mask
+from .carry import CarryPass, chunk_attention_mask
 
 
 def timestep_embedding(t: Tensor, dim: int, scale: float = 1000.0) -> Tensor:
@@ -28,6 +28,18 @@ def timestep_embedding(t: Tensor, dim: int, scale: float = 1000.0) -> Tensor:
     freq = torch.exp(torch.arange(half, device=t.device).float() * -(math.log(10000.0) / (half - 1)))
     angle = scale * t[:, None].float() * freq[None, :]
     return torch.cat([angle.sin(), angle.cos()], dim=-1).to(t.dtype)
+
+
+def additive_bias(allowed: Tensor, dtype: torch.dtype) -> Tensor:
+    """Bool mask (True = attend) -> additive attention bias: 0 where allowed, -inf elsewhere.
+
+    Stored with its last dim padded to a multiple of 16 and sliced back: CUDA's memory-efficient
+    attention needs that alignment and would otherwise copy the bias on every call.
+    """
+    keys = allowed.shape[-1]
+    aligned = -(-keys // 16) * 16
+    bias = torch.zeros(*allowed.shape[:-1], aligned, dtype=dtype, device=allowed.device)[..., :keys]
+    return bias.masked_fill_(~allowed, float("-inf"))
 
 
 class TimestepMLP(nn.Module):
@@ -41,10 +53,14 @@ class TimestepMLP(nn.Module):
 
 
 class CausalConv1d(nn.Conv1d):
-    """Conv1d that pads only on the left, so output frame t sees inputs up to t."""
+    """Conv1d that pads only on the left, so output frame t sees inputs up to t. With a carry
+    (a streaming call that continues an earlier one) the padding is the previous input frames."""
 
-    def forward(self, x: Tensor) -> Tensor:
-        return super().forward(F.pad(x, (self.kernel_size[0] - 1, 0)))
+    def forward(self, x: Tensor, carry: CarryPass | None = None) -> Tensor:
+        pad = self.kernel_size[0] - 1
+        if carry is None:
+            return super().forward(F.pad(x, (pad, 0)))
+        return super().forward(carry.causal_input(self, x, pad))
 
 
 class SwapTimeChannels(nn.Module):
@@ -63,8 +79,13 @@ class CausalBlock1D(nn.Module):
         self.block = nn.Sequential(CausalConv1d(dim, dim_out, 3), SwapTimeChannels(),
                                    nn.LayerNorm(dim_out), SwapTimeChannels(), nn.Mish())
 
-    def forward(self, x: Tensor, mask: Tensor) -> Tensor:  # x [B, C, T], mask [B, 1, T]
-        return self.block(x * mask) * mask
+    def forward(self, x: Tensor, mask: Tensor, carry: CarryPass | None = None) -> Tensor:
+        # x [B, C, T], mask [B, 1, T]
+        conv, *rest = self.block
+        h = conv(x * mask, carry)
+        for layer in rest:
+            h = layer(h)
+        return h * mask
 
 
 class CausalResnetBlock1D(nn.Module):
@@ -77,10 +98,10 @@ class CausalResnetBlock1D(nn.Module):
         self.block2 = CausalBlock1D(dim_out, dim_out)
         self.res_conv = nn.Conv1d(dim, dim_out, 1)
 
-    def forward(self, x: Tensor, mask: Tensor, t_emb: Tensor) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor, t_emb: Tensor, carry: CarryPass | None = None) -> Tensor:
         # x [B, C_in, T], mask [B, 1, T], t_emb [B, E] -> [B, C_out, T]
-        h = self.block1(x, mask) + self.mlp(t_emb)[:, :, None]
-        h = self.block2(h, mask)
+        h = self.block1(x, mask, carry) + self.mlp(t_emb)[:, :, None]
+        h = self.block2(h, mask, carry)
         return h + self.res_conv(x * mask)
 
 
@@ -96,15 +117,18 @@ class SelfAttention(nn.Module):
         self.to_v = nn.Linear(dim, inner, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner, dim))  # a Sequential keeps the name to_out.0
 
-    def forward(self, x: Tensor, bias: Tensor | None) -> Tensor:
-        # x [B, T, C], bias [T, T] or [B, 1, T, T] added to the scores, or None (= full attention)
+    def forward(self, x: Tensor, bias: Tensor | None, carry: CarryPass | None = None) -> Tensor:
+        # x [B, T, C], bias [T, K] or [B, 1, T, K] added to the scores, or None (= full attention);
+        # K = T, or with a carry the held frames' keys first (K = held + T)
         batch, length, _ = x.shape
 
         def heads(y: Tensor) -> Tensor:  # [B, T, inner] -> [B, H, T, head_dim]
             return y.view(batch, length, self.num_heads, -1).transpose(1, 2)
 
-        out = F.scaled_dot_product_attention(heads(self.to_q(x)), heads(self.to_k(x)), heads(self.to_v(x)),
-                                             attn_mask=bias)
+        keys, values = heads(self.to_k(x)), heads(self.to_v(x))
+        if carry is not None:
+            keys, values = carry.keys_values(self, keys, values)
+        out = F.scaled_dot_product_attention(heads(self.to_q(x)), keys, values, attn_mask=bias)
         return self.to_out(out.transpose(1, 2).reshape(batch, length, -1))
 
 
@@ -137,8 +161,8 @@ class TransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim, ff_mult)
 
-    def forward(self, x: Tensor, bias: Tensor | None) -> Tensor:  # x [B, T, C]
-        x = x + self.attn1(self.norm1(x), bias)
+    def forward(self, x: Tensor, bias: Tensor | None, carry: CarryPass | None = None) -> Tensor:  # x [B, T, C]
+        x = x + self.attn1(self.norm1(x), bias, carry)
         return x + self.ff(self.norm3(x))
 
 
@@ -201,41 +225,39 @@ class CausalConditionalDecoder(nn.Module):
                 rows_streaming = streaming.to(mask.device)
                 chunk = chunk_attention_mask(length, self.static_chunk_size, mask.device)
                 allowed = allowed & (chunk | ~rows_streaming[:, None, None, None])
-        # Stored with its last dim padded to a multiple of 16 and sliced back: CUDA's memory-efficient
-        # attention needs that alignment and would otherwise copy the bias on every call.
-        aligned = -(-length // 16) * 16
-        bias = torch.zeros(*allowed.shape[:-1], aligned, dtype=mask.dtype, device=mask.device)[..., :length]
-        return bias.masked_fill_(~allowed, float("-inf"))
+        return additive_bias(allowed, mask.dtype)
 
     @staticmethod
     def _resnet_transformers(resnet: nn.Module, transformers: nn.ModuleList, x: Tensor, mask: Tensor,
-                             t_emb: Tensor, bias: Tensor | None) -> Tensor:
-        x = resnet(x, mask, t_emb)  # [B, C, T]
+                             t_emb: Tensor, bias: Tensor | None, carry: CarryPass | None) -> Tensor:
+        x = resnet(x, mask, t_emb, carry)  # [B, C, T]
         x = x.transpose(1, 2)  # [B, T, C]
         for block in transformers:
-            x = block(x, bias)
+            x = block(x, bias, carry)
         return x.transpose(1, 2)
 
     def forward(self, x: Tensor, mask: Tensor, mu: Tensor, t: Tensor, spks: Tensor, cond: Tensor,
-                bias: Tensor | None) -> Tensor:
+                bias: Tensor | None, carry: CarryPass | None = None) -> Tensor:
         # x, mu, cond [B, 80, T]; mask [B, 1, T]; t [B]; spks [B, 80]; bias from attention_bias()
         # (the same for every step of an integration, so the caller builds it once)
-        # -> [B, out_channels, T], zero on padded frames
+        # -> [B, out_channels, T], zero on padded frames. With a carry, T are the new frames of a
+        # streaming call that continues earlier ones (bias from carry.span.allowed).
         t_emb = self.time_mlp(timestep_embedding(t, self.in_channels))  # [B, time_dim]
         spks = spks[:, :, None].expand(-1, -1, x.shape[-1])
         h = torch.cat([x, mu, spks, cond], dim=1)  # [B, in_channels, T]
 
         resnet, transformers, conv = self.down_blocks[0]
-        h = self._resnet_transformers(resnet, transformers, h, mask, t_emb, bias)
+        h = self._resnet_transformers(resnet, transformers, h, mask, t_emb, bias, carry)
         skip = h
-        h = conv(h * mask)
+        h = conv(h * mask, carry)
 
         for resnet, transformers in self.mid_blocks:
-            h = self._resnet_transformers(resnet, transformers, h, mask, t_emb, bias)
+            h = self._resnet_transformers(resnet, transformers, h, mask, t_emb, bias, carry)
 
         resnet, transformers, conv = self.up_blocks[0]
-        h = self._resnet_transformers(resnet, transformers, torch.cat([h, skip], dim=1), mask, t_emb, bias)
-        h = conv(h * mask)
+        h = self._resnet_transformers(resnet, transformers, torch.cat([h, skip], dim=1), mask, t_emb, bias,
+                                      carry)
+        h = conv(h * mask, carry)
 
-        h = self.final_block(h, mask)
+        h = self.final_block(h, mask, carry)
         return self.final_proj(h * mask) * mask
