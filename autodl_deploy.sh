@@ -114,10 +114,18 @@ EOF
 
 # --- small helpers -----------------------------------------------------------------------------
 
+# The log is a record, not a step: when it cannot be written (a full disk) the run goes on and
+# the step that hit the full disk names it. So log() and log_output() ignore their own failures.
 log() {
     if [[ -n "$LOG" ]]; then
-        # A full disk must not turn logging into a failure of its own.
         { printf '%s %s\n' "$(date '+%F %T')" "$*" >>"$LOG"; } 2>/dev/null || true
+    fi
+}
+
+# log_output FILE: a command's kept output appended to the log (FILE itself stays for messages).
+log_output() {
+    if [[ -n "$LOG" ]]; then
+        { cat -- "$1" >>"$LOG"; } 2>/dev/null || true
     fi
 }
 
@@ -175,9 +183,9 @@ on_exit() {
     local status=$?
     if ((status != 0)) && [[ -n "$LOCK_PID" ]]; then
         # A failed run leaves none of its unfinished folders behind to fill the disk.
-        remove_leftovers || true
+        remove_leftovers
     fi
-    release_lock || true
+    release_lock
     if [[ -n "$WORK" && -d "$WORK" ]]; then
         rm -rf -- "$WORK"
     fi
@@ -192,19 +200,24 @@ logged() {
     if [[ -n "$WORK" && -d "$WORK" ]]; then
         out="$WORK/command.out"
     fi
+    # `|| status=$?` keeps the status for the caller (it is returned, not dropped). Without $WORK
+    # the output goes straight to the log; when the log cannot be opened the command does not
+    # run and fails, and bash's own message about it is hidden: the caller's disk check names why.
     if [[ -z "$out" ]]; then
         { "$@" >>"$LOG" 2>&1 </dev/null; } 2>/dev/null || status=$?
         return "$status"
     fi
     "$@" >"$out" 2>&1 </dev/null || status=$?
-    { cat "$out" >>"$LOG"; } 2>/dev/null || true
+    log_output "$out"
     return "$status"
 }
 
 # last_output: the last non-empty line the last logged command printed.
 last_output() {
     if [[ -n "$WORK" && -f "$WORK/command.out" ]]; then
-        grep -v '^ *$' "$WORK/command.out" | tail -n 1 | sed 's/^ *//' | cut -c1-160 || true
+        # awk rather than grep | tail: a command that printed nothing is not an error here.
+        awk 'NF { last = $0 } END { sub(/^ +/, "", last); printf "%s", substr(last, 1, 160) }' \
+            "$WORK/command.out"
     fi
 }
 
@@ -222,6 +235,8 @@ ensure() {
 # write_file PATH TEXT: PATH holds TEXT (a line), written beside it and renamed into place.
 write_file() {
     if ! { printf '%s\n' "$2" >"$1.tmp" && mv -f -- "$1.tmp" "$1"; } 2>/dev/null; then
+        # Tidying only: the failure is reported just below, and a .tmp this cannot remove is
+        # a leftover the next run removes (leftover_paths).
         rm -f -- "$1.tmp" 2>/dev/null || true
         fail_if_disk_full
         err "cannot write $(q "$1"): check that $(q "$(dirname "$1")") is writable"
@@ -377,7 +392,7 @@ fail_if_disk_full() {
     local dir
     if dir=$(full_disk "${1:-}"); then
         if [[ -n "$LOCK_PID" ]]; then
-            remove_leftovers || true
+            remove_leftovers
         fi
         err "$(disk_full_sentence "$dir")"
     fi
@@ -417,7 +432,8 @@ install_need_mb() {
         need=$((need + install))
         if same_disk "$UV_CACHE" "$INSTALL_DIR"; then
             if [[ -d "$UV_CACHE" ]]; then
-                cached=$(($(du -sk "$UV_CACHE" 2>/dev/null | cut -f1 || printf 0) * 1024))
+                # du exits 1 when some file is unreadable or vanishes, yet prints the total of the rest.
+                cached=$(($({ du -sk "$UV_CACHE" 2>/dev/null || true; } | awk '{ printf "%d", $1 }') * 1024))
             fi
             need=$((need + install - (cached < install ? cached : install)))
         fi
@@ -440,7 +456,9 @@ leftover_paths() {
         fi
     done
     if [[ -d "$ENVS_DIR" && -f "$PKG_MANIFEST" ]]; then
-        active=$(readlink "$VENV" 2>/dev/null || true)
+        if [[ -L "$VENV" ]]; then   # before the first install there is no active environment
+            active=$(readlink "$VENV")
+        fi
         current=$(env_dir)
         for path in "$ENVS_DIR"/*; do
             if [[ -d "$path" && "$path" != "$active" && "$path" != "$current" ]]; then
@@ -457,14 +475,20 @@ leftovers_mb() {
         printf 0
         return 0
     fi
-    du -sck -- "${paths[@]}" 2>/dev/null | awk 'END {printf "%d", $1 / 1024}' || printf 0
+    # du exits 1 when a path is unreadable or vanishes, yet still prints the total of the rest.
+    { du -sck -- "${paths[@]}" 2>/dev/null || true; } | awk 'END { printf "%d", $1 / 1024 }'
 }
 
+# remove_leftovers: removes what leftover_paths names. It runs on the way out of a failed run
+# (on_exit, fail_if_disk_full), so it never fails itself: what it cannot remove is named on
+# stderr and in the log, and the next run tries again before it measures the disk.
 remove_leftovers() {
     local path
     while IFS= read -r path; do
         log "removing the leftover $path"
-        rm -rf -- "$path" 2>/dev/null || true
+        if ! rm -rf -- "$path" 2>/dev/null; then
+            warn "could not remove the leftover $(q "$path"); remove it by hand if the disk is short"
+        fi
     done < <(leftover_paths)
 }
 
@@ -710,7 +734,7 @@ release_lock() {
             waited=$((waited + 1))
         done
         if ! kill -0 "$LOCK_PID" 2>/dev/null; then
-            wait "$LOCK_PID" 2>/dev/null || true
+            wait "$LOCK_PID" 2>/dev/null || true   # reaps the lock holder; its exit status means nothing
         fi
         LOCK_PID="" LOCK_IN="" LOCK_OUT=""
     fi
@@ -828,7 +852,7 @@ read_manifest() {
     output="$WORK/unzip-manifest.out"
     if [[ -f "$zip" ]]; then
         if ! unzip_batch -p "$zip" manifest.json >"$out" 2>"$output"; then
-            cat "$output" >>"$LOG" 2>/dev/null || true
+            log_output "$output"
             rm -f "$out"
             if unzip -Z1 "$zip" >"$WORK/names" 2>>"$output" </dev/null &&
                 ! grep -q -x 'manifest.json' "$WORK/names" &&
@@ -1327,7 +1351,7 @@ zip_problem() {
     local zip=$1 manifest=$2 output listing expected extra missing
     output="$WORK/unzip-test.out"
     if ! unzip_batch -tqq "$zip" >"$output" 2>&1; then
-        cat "$output" >>"$LOG" 2>/dev/null || true
+        log_output "$output"
         zip_failure "$zip" "$output"
         return 0
     fi
@@ -1402,7 +1426,7 @@ unpack_zip() {
     make_dirs "$tmp"
     unzip_batch -q -o "$zip" -d "$tmp" >"$output" 2>&1 || status=$?
     if ((status != 0)); then
-        cat "$output" >>"$LOG" 2>/dev/null || true
+        log_output "$output"
         if ((status == 50)) || full=$(full_disk "$output"); then
             rm -rf -- "$tmp"
             err "$(disk_full_sentence "${full:-$dest}")"
@@ -1414,7 +1438,7 @@ unpack_zip() {
     sums="$WORK/sha256sums"
     manifest_sums "$manifest" >"$sums"
     if ! (cd "$tmp" && sha256sum --check --quiet --strict "$sums") >"$output" 2>&1; then
-        cat "$output" >>"$LOG" 2>/dev/null || true
+        log_output "$output"
         rm -rf -- "$tmp"
         bad=$(sed -n 's/: FAILED.*$//p' "$output" | sed -n 1p)
         err "${bad:-a file} in $(basename "$zip") does not match its manifest.json (sha256): the zip was changed after it was built; rebuild it with offline_packages/build.py"
@@ -1443,7 +1467,7 @@ step_uv() {
     # Extracted as a file (unzip -p would not notice a full disk, and an empty file runs fine).
     unzip_batch -q -o -j "$wheel" "$member" -d "$tmp" >"$WORK/unzip-uv.out" 2>&1 || status=$?
     if ((status != 0)); then
-        cat "$WORK/unzip-uv.out" >>"$LOG" 2>/dev/null || true
+        log_output "$WORK/unzip-uv.out"
         rm -rf -- "$tmp"
         if ((status == 50)); then
             err "$(disk_full_sentence "$INSTALL_DIR")"
