@@ -114,19 +114,7 @@ def plot_streaming_overhead(report: dict, path: Path) -> None:
     longest streaming run: frames computed and milliseconds."""
     lengths = report["lengths"]
     figure, axes = plt.subplots(1, 2, figsize=(12, 5))
-    labels = [f"{length['non_streaming']['audio_s']:.1f} s" for length in lengths]
-    positions = range(len(lengths))
-    for offset, mode in ((-0.2, "non_streaming"), (0.2, "streaming")):
-        axes[0].bar([p + offset for p in positions],
-                    [length[mode]["compute_s_per_audio_s"] for length in lengths], 0.4,
-                    label=mode.replace("_", "-"))
-    for p, length in zip(positions, lengths):
-        axes[0].annotate(f"x{length['streaming_overhead']}", (p + 0.2, length["streaming"]["compute_s_per_audio_s"]),
-                         ha="center", va="bottom")
-    axes[0].set_xticks(list(positions), labels)
-    axes[0].set_ylabel("token-to-waveform compute s per audio s")
-    axes[0].set_title("streaming vs not (label: streaming_overhead)")
-    axes[0].legend()
+    _plot_streaming_vs_not(axes[0], lengths)
     calls = lengths[-1]["streaming_calls"]
     flow = calls.get("flow", [])
     axes[1].bar(range(len(flow)), [c["ms"] / 1000 for c in flow], label="flow s")
@@ -151,19 +139,7 @@ def plot_streaming_report(report: dict, path: Path) -> None:
     streaming, loaded = report.get("streaming"), report.get("load")
     figure, axes = plt.subplots(1, 3, figsize=(16, 5))
     if streaming:
-        lengths = streaming["lengths"]
-        positions = range(len(lengths))
-        for offset, mode in ((-0.2, "non_streaming"), (0.2, "streaming")):
-            axes[0].bar([p + offset for p in positions], [length[mode]["compute_s_per_audio_s"] for length in lengths],
-                        0.4, label=mode.replace("_", "-"))
-        for p, length in zip(positions, lengths):
-            axes[0].annotate(f"x{length['streaming_overhead']}\nfirst chunk {length['streaming']['first_chunk_ms']['p50']:.0f} ms",
-                             (p + 0.2, length["streaming"]["compute_s_per_audio_s"]), ha="center", va="bottom",
-                             fontsize=8)
-        axes[0].set_xticks(list(positions), [f"{length['non_streaming']['audio_s']:.1f} s" for length in lengths])
-        axes[0].set_ylabel("token-to-waveform compute s per audio s")
-        axes[0].set_title("streaming vs not (label: streaming_overhead)")
-        axes[0].legend()
+        _plot_streaming_vs_not(axes[0], streaming["lengths"])
     if loaded:
         levels = loaded["levels"]
         x = [level["concurrency"] for level in levels]
@@ -194,3 +170,20 @@ def plot_streaming_report(report: dict, path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=80)
     plt.close(figure)
+
+
+def _plot_streaming_vs_not(axis, lengths: list[dict]) -> None:
+    """Per length of a streaming-overhead report: compute per audio second of each mode, the
+    streaming bar labelled with streaming_overhead and the first chunk's time."""
+    positions = range(len(lengths))
+    for offset, mode in ((-0.2, "non_streaming"), (0.2, "streaming")):
+        axis.bar([p + offset for p in positions], [length[mode]["compute_s_per_audio_s"] for length in lengths],
+                 0.4, label=mode.replace("_", "-"))
+    for p, length in zip(positions, lengths):
+        streamed = length["streaming"]
+        axis.annotate(f"x{length['streaming_overhead']}\nfirst chunk {streamed['first_chunk_ms']['p50']:.0f} ms",
+                      (p + 0.2, streamed["compute_s_per_audio_s"]), ha="center", va="bottom", fontsize=8)
+    axis.set_xticks(list(positions), [f"{length['non_streaming']['audio_s']:.1f} s" for length in lengths])
+    axis.set_ylabel("token-to-waveform compute s per audio s")
+    axis.set_title("streaming vs not (label: streaming_overhead)")
+    axis.legend()

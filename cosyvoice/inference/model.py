@@ -34,7 +34,7 @@ from ..frontend.speech_models import PromptFeatureExtractor
 from ..frontend.text import TextNormalizer
 from ..frontend.tokenizer import QwenTokenizer
 from ..loading.generations import COSYVOICE2, COSYVOICE3, Generation
-from ..loading.model_dir import ModelDir, load_stage, open_model_dir
+from ..loading.model_dir import load_stage, open_model_dir
 from ..voice import Voice
 from .prompts import CosyVoice2Prompts, CosyVoice3Prompts
 from .synthesis import CrossFadeVocoding, ModelInput, StateBudget, Synthesizer, WholeMelVocoding

@@ -114,6 +114,8 @@ class CrossFadeVocoding:
     source again, and its first samples cross-fade with the previous chunk's held-back tail."""
 
     def __init__(self, hift, generator: torch.Generator | None, carry_state: bool = True):
+        # `carry_state`: part of the vocodings' shared signature; this one has no state to carry
+        # beyond its cache (each chunk's vocoder call is already incremental).
         self.hift = hift
         self.generator = generator
         self.cache_samples = VOCODER_CACHE_FRAMES * hift.samples_per_frame

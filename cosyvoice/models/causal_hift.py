@@ -22,8 +22,8 @@ noise rows are only materialised as far as the longest call so far needs.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-import math
 import threading
 
 import torch
@@ -69,12 +69,14 @@ class CausalConvRNNF0Predictor(nn.Module):
             shapes += [(cond_channels, cond_channels, cls.kernel_size), (cond_channels,)]
         return shapes + [(num_class, cond_channels), (num_class,)]
 
-    def forward(self, mel: Tensor, finalize: bool = True) -> Tensor:
+    def forward(self, mel: Tensor, finalize: bool = True,
+                causal_conv: Callable[[nn.Module, Tensor], Tensor] | None = None) -> Tensor:
         """mel [B, C_mel, T] -> f0 [B, T] (num_class 1); with finalize=False the last `look_ahead`
-        frames are only look-ahead and f0 has T - look_ahead frames."""
+        frames are only look-ahead and f0 has T - look_ahead frames. `causal_conv(layer, x)` runs
+        the left-padded convs instead of themselves (a stream feeds them its held frames)."""
         x = self.condnet[0](mel, context=not finalize)
         for layer in self.condnet[1:]:
-            x = layer(x)
+            x = causal_conv(layer, x) if causal_conv and isinstance(layer, CausalConv1d) else layer(x)
         return self.classifier(x.transpose(1, 2)).squeeze(-1).abs()
 
 
@@ -279,13 +281,15 @@ class CausalHiFTGenerator(HiFTBase):
     # --- inference ----------------------------------------------------------------------------
 
     @torch.no_grad()
-    def predict_f0(self, mel: Tensor, finalize: bool = True) -> Tensor:
-        """f0 [B, T] (finalize) or [B, T - 3], computed in float64 and returned in the mel's dtype."""
+    def predict_f0(self, mel: Tensor, finalize: bool = True,
+                   causal_conv: Callable[[nn.Module, Tensor], Tensor] | None = None) -> Tensor:
+        """f0 [B, T] (finalize) or [B, T - 3], computed in float64 and returned in the mel's dtype
+        (`causal_conv`: see F0Predictor.forward)."""
         predictor = self.f0_predictor
         if any(p.dtype != torch.float64 for p in predictor.parameters()):
             with _f0_cast_lock:  # the reference casts the module in place and leaves it in float64
                 predictor.double()
-        return predictor(mel.to(torch.float64), finalize).to(mel.dtype)
+        return predictor(mel.to(torch.float64), finalize, causal_conv).to(mel.dtype)
 
     def upsample_f0(self, f0: Tensor) -> Tensor:  # [B, T] -> [B, L, 1] (nearest, as torch.nn.Upsample does it)
         return F.interpolate(f0[:, None], scale_factor=self.samples_per_frame, mode="nearest").transpose(1, 2)
@@ -451,14 +455,7 @@ class _CarriedRun:
 
     def f0(self, mel: Tensor) -> Tensor:
         """f0 of the new frames [B, n] (float64 predictor, result in the mel's dtype)."""
-        predictor = self.hift.f0_predictor
-        if any(p.dtype != torch.float64 for p in predictor.parameters()):
-            with _f0_cast_lock:
-                predictor.double()
-        x = predictor.condnet[0](mel.to(torch.float64), context=not self.finalize)
-        for layer in predictor.condnet[1:]:
-            x = self.conv(layer, x, layer.pad) if isinstance(layer, CausalConv1d) else layer(x)
-        return predictor.classifier(x.transpose(1, 2)).squeeze(-1).abs().to(mel.dtype)
+        return self.hift.predict_f0(mel, self.finalize, lambda layer, x: self.conv(layer, x, layer.pad))
 
     def source(self, f0: Tensor, first_frame: int) -> Tensor:
         """Excitation samples of f0's frames [B, 480 n], continuing the phase and the noise rows."""
