@@ -514,6 +514,7 @@ manifest_sums() {
 # manifest_size FILE PATH: the size in bytes the manifest lists for PATH (0 when not listed).
 manifest_size() {
     local size
+    # grep finds nothing for a path the manifest does not list: that is the 0 case, not an error.
     size=$(grep -F -- "{\"path\": \"$2\", " "$1" | sed -n 's/.*"size": \([0-9]\{1,\}\)}.*/\1/p' | sed -n 1p || true)
     printf '%d' "${size:-0}"
 }
@@ -639,7 +640,7 @@ remove_old_work_dirs() {
         pid=${dir#"$1"/cosyvoice-deploy.}
         pid=${pid%%.*}
         if [[ -d "$dir" && "$pid" =~ ^[0-9]+$ && "$pid" != "$$" ]] && ! kill -0 "$pid" 2>/dev/null; then
-            rm -rf -- "$dir" 2>/dev/null || true
+            rm -rf -- "$dir" 2>/dev/null || true   # tidying another run's scratch (not on the install's disk)
         fi
     done
 }
@@ -688,7 +689,7 @@ open_log() {
         err "$INSTALL_PROBLEM"
     fi
     LOG="$LOG_DIR/$1-$(date +%Y%m%d-%H%M%S)-$$.log"
-    { : >"$LOG"; } 2>/dev/null || true
+    { : >"$LOG"; } 2>/dev/null || true   # see log(): an unwritable log does not stop the run
     log "autodl_deploy.sh $SCRIPT_VERSION $VERB: data=$DATA_DIR install=$INSTALL_DIR bundle=$BUNDLE_DIR backend=$BACKEND host=$HOST port=$PORT demo=$DEMO online=$ONLINE"
 }
 
@@ -712,7 +713,7 @@ lock_with() {
         fi
     }
     LOCK_PID=$LOCK_HOLDER_PID LOCK_OUT=${LOCK_HOLDER[0]} LOCK_IN=${LOCK_HOLDER[1]}
-    read -r answer <&"$LOCK_OUT" || true
+    read -r answer <&"$LOCK_OUT" || true   # no answer (the helper died): handled below as "cannot open"
     if [[ "$answer" == locked ]]; then
         return 0
     fi
@@ -755,7 +756,7 @@ describe_pid() {
 lock_holder() {
     local pid ancestor depth found=""
     pid=$(find /proc/[0-9]*/fd -maxdepth 1 -lname "$LOCK_FILE" 2>/dev/null | cut -d/ -f3 |
-        grep -v -x -e "$$" -e "$BASHPID" | sed -n 1p || true)
+        grep -v -x -e "$$" -e "$BASHPID" | sed -n 1p || true)   # /proc entries vanish as we read; none: empty
     if [[ -z "$pid" ]]; then
         return 0
     fi
@@ -887,9 +888,9 @@ near_matches() {
     for dir in "$BUNDLE_DIR" "$DATA_DIR" "$PWD" "${HOME:-/root}"; do
         if [[ -d "$dir" ]]; then
             find "$dir" -maxdepth 2 -type f -iname "$pattern" ! -name '*.manifest.json' \
-                ! -path "$INSTALL_DIR/*" 2>/dev/null || true
+                ! -path "$INSTALL_DIR/*" 2>/dev/null || true   # unreadable folders: search the rest
         fi
-    done | grep -v -x -F -e "$BUNDLE_DIR/$name" | awk '!seen[$0]++' | sed -n 1,3p || true
+    done | grep -v -x -F -e "$BUNDLE_DIR/$name" | awk '!seen[$0]++' | sed -n 1,3p || true   # none found: nothing
 }
 
 # missing_zips_sentence NAME...: the zips that are not in BUNDLE_DIR, named at once, with any
@@ -1166,6 +1167,7 @@ our_port() {
     local pid ours
     ours=$(known_server)
     for pid in $(port_listeners "$PORT"); do
+        # proc_field fails for a process that just ended: it is then not ours
         if [[ -n "$ours" && "$(proc_field "$pid" sid || true)" == "$ours" ]]; then
             return 0
         fi
@@ -1752,7 +1754,7 @@ running_model() {
 server_pid() {
     local pid=""
     if [[ -f "$PID_FILE" ]]; then
-        pid=$(cat "$PID_FILE" 2>/dev/null || true)
+        pid=$(cat "$PID_FILE" 2>/dev/null || true)   # unreadable or just removed: no pid, checked below
     fi
     if [[ "$pid" =~ ^[0-9]+$ ]]; then
         printf '%s' "$pid"
@@ -1776,7 +1778,7 @@ proc_field() {
 
 # proc_cmdline PID: its command line, arguments joined by spaces (nothing when it is gone).
 proc_cmdline() {
-    { tr '\0' ' ' <"/proc/$1/cmdline"; } 2>/dev/null | sed 's/ $//' || true
+    { tr '\0' ' ' <"/proc/$1/cmdline"; } 2>/dev/null | sed 's/ $//' || true   # gone: nothing, as documented
 }
 
 # alive PID: a process that has not ended (zombies have).
@@ -1830,9 +1832,9 @@ launched_here() {
 untracked_server() {
     local pid candidates=() listener
     mapfile -t candidates < <(grep -l -s -F -- "$PKG_DIR/app/" /proc/[0-9]*/cmdline 2>/dev/null |
-        cut -d/ -f3 | grep -v -x -e "$$" -e "$BASHPID" || true)
+        cut -d/ -f3 | grep -v -x -e "$$" -e "$BASHPID" || true)   # no such process: none
     for listener in $(port_listeners "$PORT"); do
-        pid=$(proc_field "$listener" sid || true)
+        pid=$(proc_field "$listener" sid || true)   # the listener just ended: skipped below
         if [[ -n "$pid" ]] && launched_here "$pid"; then
             printf '%s' "$pid"
             return 0
