@@ -182,3 +182,12 @@ def test_decoder_carry_rejects_a_changed_step_count():
     carry.for_steps(10)
     with pytest.raises(ValueError, match="10 steps"):
         carry.for_steps(5)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_utterance_without_speech_tokens_has_no_audio(tts, generation, stream):
+    """An LLM that stops before its first token (random weights do) gives no chunks, not a
+    vocoder error on an empty mel (which reached clients as a 500)."""
+    ref = generation[2]("flow")
+    chunks = list(tts.synthesizer.synthesize(_vc_request(ref), stream=stream, source_tokens=[]))
+    assert chunks == []

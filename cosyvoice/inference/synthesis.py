@@ -319,7 +319,9 @@ class Synthesizer:
                    source_tokens: list[int] | None = None) -> Iterator[np.ndarray]:
         """Yields float32 mono chunks. `source_tokens` replaces the LLM (voice conversion path).
 
-        `speed` (> 0) stretches the mel in time and applies only with stream=False.
+        `speed` (> 0) stretches the mel in time and applies only with stream=False. An utterance
+        whose LLM stops before its first speech token (random or badly prompted weights can) has
+        no audio: nothing is yielded (the vocoders cannot run on an empty mel).
         """
         # The LLM draws from its own copy of the generator: a batched LLM samples on its scheduler
         # thread while this thread draws the vocoder's noise, and sharing one generator would
@@ -335,6 +337,8 @@ class Synthesizer:
         vocoder = self.vocoding(self.hift, generator, carry_state=self.carry_state)
         if not stream:
             tokens = list(tokens_in)
+            if not tokens:
+                return
             if generator is not None:   # the vocoder goes on where the LLM stopped, as with one generator
                 generator.set_state(llm_generator.get_state())
             yield vocoder.render(self._mel(request, tokens, 0, finalize=True), finalize=True, speed=speed)
@@ -370,6 +374,8 @@ class Synthesizer:
             # The final call needs no carried state: free it before the largest flow call.
             state.carry = None
             self.state_budget.release(state)
+            if not tokens:
+                return
             chunk = vocoder.render(self._mel(request, tokens, state.offset, finalize=True), finalize=True)
             if chunk.size:
                 yield chunk
