@@ -1,6 +1,7 @@
 """Flow decoder batching across requests (cosyvoice.concurrency.flow_batching): each request's mel in a padded
 batch equals its solo run, whatever the other rows' lengths and attention modes."""
 import threading
+import time
 
 import pytest
 import torch
@@ -108,6 +109,54 @@ def test_a_failing_batch_reaches_its_callers_and_the_worker_carries_on(flow, cal
     with pytest.raises(RuntimeError, match="simulated"):
         batched(mu, mask, spks, cond, streaming=streaming)
     assert float((batched(mu, mask, spks, cond, streaming=streaming) - solo[1]).abs().max()) < TOL
+
+
+def test_waiting_streaming_chunks_go_before_final_calls_then_first_come_first_served(flow, calls, solo):
+    """One call at a time (max_batch 1, as on a CPU): while one call runs, two final calls and then
+    two streaming chunks arrive; the chunks run next, then the final calls, each pair in arrival order."""
+    started, release = threading.Event(), threading.Event()
+    served = []
+
+    def recording_decoder(mu, mask, spks, cond, n_timesteps, streaming):
+        served.append(mu.shape[2])
+        if len(served) == 1:     # hold the first call until the others are waiting
+            started.set()
+            assert release.wait(timeout=60)
+        return flow.decoder(mu, mask, spks, cond, n_timesteps=n_timesteps, streaming=streaming)
+
+    decoder = BatchedFlowDecoder(recording_decoder, max_batch=1)
+    final_calls = [i for i, c in enumerate(calls) if not c[4]]
+    chunk_calls = [i for i, c in enumerate(calls) if c[4]]
+    first, final_calls = final_calls[0], final_calls[1:] + final_calls[:1]   # `first` comes again later
+    results: dict[int, torch.Tensor] = {}
+
+    def caller(index):
+        mu, mask, spks, cond, streaming = calls[index]
+        results[index] = decoder(mu, mask, spks, cond, streaming=streaming)
+
+    threads = [threading.Thread(target=caller, args=(first,))]
+    threads[0].start()
+    assert started.wait(timeout=60)
+    for index in final_calls + chunk_calls:   # queued one after another while the first call runs
+        thread = threading.Thread(target=caller, args=(index,))
+        thread.start()
+        threads.append(thread)
+        _wait_until(lambda: decoder._waiting.qsize() == len(threads) - 1)
+    release.set()
+    for thread in threads:
+        thread.join(timeout=120)
+    lengths = [calls[i][0].shape[2] for i in [first] + chunk_calls + final_calls]
+    assert served == lengths
+    assert decoder.batch_sizes[1] == len(served)
+    for index, expected in enumerate(solo):
+        assert float((results[index] - expected).abs().max()) < TOL
+
+
+def _wait_until(condition, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
 
 
 def _pending(call) -> _Call:

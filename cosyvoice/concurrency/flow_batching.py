@@ -1,13 +1,21 @@
-"""Batching of the flow decoder across concurrent requests.
+"""Scheduling and batching of the flow decoder across concurrent requests.
 
 The flow decoder (conditional flow matching: ten estimator passes over the request and its
 unconditioned copy) is most of the flow's cost, and one request's pass over a few hundred mel
 frames leaves a GPU mostly idle. So concurrent requests' decoder calls are run as one batch:
 
     callers (synthesis threads)          worker thread (owns the decoder)
-    decode(mu, mask, spks, cond) ──►     takes every waiting call (up to max_batch),
-          ... blocks ...                 right-pads them to the longest, integrates once,
+    decode(mu, mask, spks, cond) ──►     takes the waiting calls (up to max_batch) in order:
+          ... blocks ...                 streaming chunks first, then the rest as they came;
+                                         right-pads them to the longest, integrates once,
     ◄── that call's own frames           hands each caller its own frames back
+
+Streaming chunks go first because a listener is waiting for them: a new stream's first audio, or
+the next piece of one already playing. A final call waits behind them; among final calls, and
+among chunks, the earlier caller goes first, so no request waits behind later ones. On a CPU
+(max_batch 1) the worker runs one call at a time: the decoder is compute-bound there, so calls
+running side by side on their own threads gave no more frames per second, and those threads took
+the CPU time the LLM's scheduler thread needed to reach the streams' first chunks.
 
 A call that finds nothing else waiting runs alone and unpadded, exactly as the plain decoder.
 In a batch, padding never reaches a real frame (causal convolutions, attention masked per row),
@@ -19,6 +27,7 @@ brings only its new frames; in a batch with one, every row attends to its own he
 """
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
 from dataclasses import dataclass, field
@@ -31,23 +40,31 @@ from ..models.flow.carry import DecoderCarry
 
 @dataclass(eq=False)   # compared by identity (it holds tensors)
 class _Call:
+    """One caller's decoder call; `priority` orders the waiting calls, lowest first."""
     mu: Tensor          # [1, 80, T]
     spks: Tensor        # [1, 80]
     cond: Tensor        # [1, 80, T]
     n_timesteps: int
     streaming: bool
     carry: DecoderCarry | None = None
+    order: int = 0      # when it came, among all calls
     done: threading.Event = field(default_factory=threading.Event)
     result: Tensor | BaseException | None = None   # mel [1, 80, T], or the error to raise
 
+    @property
+    def priority(self) -> tuple[int, int]:
+        return (0 if self.streaming else 1), self.order
+
 
 class BatchedFlowDecoder:
-    """Called like the flow's decoder, from many threads; batches the calls that overlap."""
+    """Called like the flow's decoder, from many threads; runs the calls in priority order and
+    batches the ones that overlap (up to max_batch; 1: one call at a time)."""
 
     def __init__(self, decoder: nn.Module, max_batch: int = 8):
         self.decoder = decoder
         self.max_batch = max_batch
-        self._waiting: queue.SimpleQueue[_Call] = queue.SimpleQueue()
+        self._waiting: queue.PriorityQueue[tuple[tuple[int, int], _Call]] = queue.PriorityQueue()
+        self._arrivals = itertools.count()             # one next() is atomic under the GIL
         self.batch_sizes = [0] * (max_batch + 1)     # [n]: decoder runs that served n calls
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
@@ -55,9 +72,9 @@ class BatchedFlowDecoder:
     def __call__(self, mu: Tensor, mask: Tensor, spks: Tensor, cond: Tensor, n_timesteps: int = 10,
                  streaming: bool = False, carry: DecoderCarry | None = None) -> Tensor:
         """mu, cond [1, 80, T]; mask [1, 1, T] (all ones); spks [1, 80] -> mel [1, 80, T] float32."""
-        call = _Call(mu, spks, cond, n_timesteps, streaming, carry)
+        call = _Call(mu, spks, cond, n_timesteps, streaming, carry, order=next(self._arrivals))
         self._ensure_running()
-        self._waiting.put(call)
+        self._waiting.put((call.priority, call))
         call.done.wait()
         if isinstance(call.result, BaseException):
             raise call.result
@@ -74,10 +91,10 @@ class BatchedFlowDecoder:
     def _run(self) -> None:
         with torch.inference_mode():
             while True:
-                waiting = [self._waiting.get()]
+                waiting = [self._waiting.get()[1]]
                 while len(waiting) < self.max_batch:
                     try:
-                        waiting.append(self._waiting.get_nowait())
+                        waiting.append(self._waiting.get_nowait()[1])
                     except queue.Empty:
                         break
                 by_steps: dict[int, list[_Call]] = {}    # one integration grid per batch

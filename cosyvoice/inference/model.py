@@ -69,9 +69,10 @@ class CosyVoice:
 
     `llm_backend` runs the LLM stage: "torch" (our SpeechLM), "trtllm" (TensorRT-LLM, see
     cosyvoice.backends) or a factory (model_dir, device, dtype) -> backend. `flow_batch` is how
-    many concurrent requests' flow decoder calls may run as one batch (1: each runs alone). By
-    default 8 on a GPU, where one call leaves most of the chip idle, and 1 on a CPU, where calls
-    from parallel threads measured faster than one batch (bench.profile_stages --flow-concurrency).
+    many concurrent requests' flow decoder calls may run as one batch (1: one at a time); either
+    way streaming chunks go before final calls (cosyvoice.concurrency.flow_batching). By default 8
+    on a GPU, where one call leaves most of the chip idle, and 1 on a CPU, where the decoder is
+    compute-bound and a padded batch only adds work (bench.profile_stages --flow-concurrency).
     `stream_state_mb` bounds the flow state that streams carry from chunk to chunk, all together
     (default: a quarter of the device's memory; a stream over the bound recomputes its chunks'
     prefix instead, like the reference; 0 always recomputes).
@@ -105,7 +106,7 @@ class CosyVoice:
             flow_batch = 1 if self.device.type == "cpu" else DEFAULT_GPU_FLOW_BATCH
         if flow_batch < 1:
             raise ValueError(f"flow_batch must be at least 1, got {flow_batch}")
-        flow_decoder = BatchedFlowDecoder(flow.decoder, flow_batch) if flow_batch > 1 else flow.decoder
+        flow_decoder = BatchedFlowDecoder(flow.decoder, flow_batch)
         if stream_state_mb is None:
             memory = device_memory_bytes(self.device)
             state_limit = None if memory is None else int(memory * STREAM_STATE_MEMORY_SHARE)
