@@ -23,18 +23,14 @@ from cosyvoice.concurrency.llm_scheduler import BatchedLLM
 from cosyvoice.inference.synthesis import ModelInput
 
 from .stage_timers import ForcedLength
+from .stats import summary
 
 PERCENTILES = (50, 95)
 
 
 def percentiles(values: list[float], digits: int = 2) -> dict:
     """{"n", "mean", "min", "max", "p50", "p95"}; statistics None without values."""
-    keys = ("mean", "min", "max", *(f"p{p}" for p in PERCENTILES))
-    if not values:
-        return {"n": 0, **dict.fromkeys(keys)}
-    data = np.asarray(values, dtype=np.float64)
-    stats = [data.mean(), data.min(), data.max(), *np.percentile(data, PERCENTILES)]
-    return {"n": len(values), **{key: round(float(value), digits) for key, value in zip(keys, stats)}}
+    return summary(values, digits, PERCENTILES)
 
 
 def speech_lm(tts):

@@ -49,8 +49,8 @@ import soundfile as sf
 from ..errors import InputError
 from ..voice import Voice
 from .errors import ApiError, Overloaded
-from .voices import (AUDIO_SUFFIXES, IMPORT_PATTERN, STORE_FOLDER, StoredVoice, VoiceInfo, VoiceStore,
-                     _write_atomically, check_name, read_prompt, revision_of)
+from .voices import (STORE_FOLDER, StoredVoice, VoiceInfo, VoiceStore, check_name, read_prompt,
+                     revision_of, voice_files, write_atomically)
 
 log = logging.getLogger("cosyvoice.server")
 
@@ -123,17 +123,7 @@ class VoiceRegistry:
     def _load(self) -> None:
         """The stored voices and the folder's `[name]transcript.wav` files (unprepared when new or
         changed), like VoiceStore.open but without a model."""
-        imports = {}
-        for path in sorted(self.folder.iterdir()):
-            match = IMPORT_PATTERN.fullmatch(path.stem)
-            if not path.is_file() or path.suffix.lower() not in AUDIO_SUFFIXES or not match:
-                continue
-            try:
-                name = check_name(match.group("name").strip())
-            except ApiError as error:
-                log.warning("voice file %s skipped: %s", path, error.message)
-                continue
-            imports[name] = path
+        imports = voice_files(self.folder)   # name -> (file, transcript)
         for meta_path in sorted(self.store.glob("*.json")):
             name = meta_path.stem
             try:
@@ -149,7 +139,7 @@ class VoiceRegistry:
             audio_file = f"{STORE_FOLDER}/{name}.wav" if info.source == "api" else info.source
             audio_path = self.folder / audio_file
             audio = audio_path.read_bytes() if audio_path.is_file() else b""
-            if info.source != "api" and (imports[name].name != info.source
+            if info.source != "api" and (imports[name][0].name != info.source
                                          or revision_of(audio, info.prompt_text) != info.revision):
                 continue   # the imported file changed: imported again below
             entry = Entry(info, audio, audio_file)
@@ -160,9 +150,8 @@ class VoiceRegistry:
                 log.warning("stored voice %s has no readable features (%s); a replica will prepare "
                             "it again", name, error)
             self._entries[name] = entry
-        for name, path in imports.items():
+        for name, (path, text) in imports.items():
             if name not in self._entries:
-                text = IMPORT_PATTERN.fullmatch(path.stem).group("text").strip()
                 audio = path.read_bytes()
                 info = VoiceInfo(name, text, revision_of(audio, text), time.time(), path.name)
                 self._entries[name] = Entry(info, audio, path.name)
@@ -241,10 +230,10 @@ class VoiceRegistry:
     def _write(self, entry: Entry, audio: bool = False) -> None:
         name = entry.info.name
         if audio:
-            _write_atomically(self.store / f"{name}.wav", lambda path: Path(path).write_bytes(entry.audio))
+            write_atomically(self.store / f"{name}.wav", lambda path: Path(path).write_bytes(entry.audio))
         if entry.voice is not None:
-            _write_atomically(self.store / f"{name}.voice", lambda path: Path(path).write_bytes(entry.voice))
-        _write_atomically(self.store / f"{name}.json",
+            write_atomically(self.store / f"{name}.voice", lambda path: Path(path).write_bytes(entry.voice))
+        write_atomically(self.store / f"{name}.json",
                           lambda path: Path(path).write_text(json.dumps(asdict(entry.info), ensure_ascii=False),
                                                              encoding="utf-8"))
 
@@ -350,7 +339,7 @@ class ClusterVoiceStore(VoiceStore):
         audio_path = self.folder / record["audio_file"]
         if record["audio"]:
             audio_path.parent.mkdir(parents=True, exist_ok=True)
-            _write_atomically(audio_path, lambda path: Path(path).write_bytes(record["audio"]))
+            write_atomically(audio_path, lambda path: Path(path).write_bytes(record["audio"]))
         prepared = 0
         if voice is not None:
             pass

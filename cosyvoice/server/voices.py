@@ -54,6 +54,23 @@ def check_name(name: str) -> str:
     return name
 
 
+def voice_files(folder: Path) -> dict[str, tuple[Path, str]]:
+    """name -> (prompt file, transcript) of each `[name]transcript.wav` file in `folder`; a file
+    whose name cannot name a voice is skipped with a warning."""
+    files = {}
+    for path in sorted(folder.iterdir()):
+        match = IMPORT_PATTERN.fullmatch(path.stem)
+        if not path.is_file() or path.suffix.lower() not in AUDIO_SUFFIXES or not match:
+            continue
+        try:
+            name = check_name(match.group("name").strip())
+        except ApiError as error:
+            log.warning("voice file %s skipped: %s", path, error.message)
+            continue
+        files[name] = (path, match.group("text").strip())
+    return files
+
+
 def read_prompt(audio: bytes, max_seconds: float = MAX_PROMPT_SECONDS) -> tuple[np.ndarray, int]:
     """Decodes prompt audio (any libsndfile format) to mono float32, block by block, and stops
     after `max_seconds` whatever the header claims: a small file that expands to hours (FLAC of
@@ -186,7 +203,7 @@ class VoiceStore:
             counts["skipped"] += 1
             return stored
         with self._lock:
-            _write_atomically(self.store / f"{info.name}.voice", voice.save)
+            write_atomically(self.store / f"{info.name}.voice", voice.save)
         log.info("voice %s: prepared again for %s (it was prepared by %s)", info.name, self.generation, old)
         counts["prepared"] += 1
         return StoredVoice(info, voice)
@@ -208,19 +225,8 @@ class VoiceStore:
 
     def _import_files(self) -> dict[str, tuple[Path, str, str]]:
         """name -> (prompt file, transcript, revision) of each `[name]transcript.wav` file."""
-        imports = {}
-        for path in sorted(self.folder.iterdir()):
-            match = IMPORT_PATTERN.fullmatch(path.stem)
-            if not path.is_file() or path.suffix.lower() not in AUDIO_SUFFIXES or not match:
-                continue
-            try:
-                name = check_name(match.group("name").strip())
-            except ApiError as error:
-                log.warning("voice file %s skipped: %s", path, error.message)
-                continue
-            text = match.group("text").strip()
-            imports[name] = (path, text, revision_of(path.read_bytes(), text))
-        return imports
+        return {name: (path, text, revision_of(path.read_bytes(), text))
+                for name, (path, text) in voice_files(self.folder).items()}
 
     # ---- API ---------------------------------------------------------------------------------
 
@@ -297,10 +303,10 @@ class VoiceStore:
         stored = StoredVoice(info, voice)
         with self._lock:
             if source == "api":
-                _write_atomically(self.store / f"{name}.wav",
+                write_atomically(self.store / f"{name}.wav",
                                   lambda path: sf.write(path, samples, rate, subtype="PCM_16", format="WAV"))
-            _write_atomically(self.store / f"{name}.voice", voice.save)
-            _write_atomically(self.store / f"{name}.json",
+            write_atomically(self.store / f"{name}.voice", voice.save)
+            write_atomically(self.store / f"{name}.json",
                               lambda path: Path(path).write_text(json.dumps(asdict(info), ensure_ascii=False),
                                                                  encoding="utf-8"))
             self._voices[name] = stored
@@ -323,7 +329,7 @@ class VoiceStore:
             (self.store / f"{name}{suffix}").unlink(missing_ok=True)
 
 
-def _write_atomically(path: Path, write) -> None:
+def write_atomically(path: Path, write) -> None:
     """Writes through a temporary file renamed into place, so a crash leaves no half file."""
     temporary = path.with_name(f".{path.name}.tmp")
     write(str(temporary))
