@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from cosyvoice.concurrency.decode_graphs import StaticDecodeStep, eager_decode_step
-from cosyvoice.concurrency.flow_batching import BatchedFlowDecoder, _Call
+from cosyvoice.concurrency.flow_batching import BatchedFlowDecoder, FlowCall
 from cosyvoice.concurrency.llm_scheduler import BatchedLLM
 from cosyvoice.inference.synthesis import ModelInput
 from cosyvoice.loading.model_dir import load_stage
@@ -472,7 +472,7 @@ def flow_batching(flow, inputs: StageInputs, checks: Checks, label: str) -> dict
             calls.append((mu, mask, spks, cond, not finalize))
         solo = [flow.decoder(mu, mask, spks, cond, streaming=streaming) for mu, mask, spks, cond, streaming in calls]
         batched = BatchedFlowDecoder(flow.decoder)
-        mels = batched._decode([_Call(mu, spks, cond, FLOW_STEPS, streaming) for mu, _, spks, cond, streaming in calls])
+        mels = batched.decode_batch([FlowCall(mu, spks, cond, FLOW_STEPS, streaming) for mu, _, spks, cond, streaming in calls])
     worst_rel, worst_abs = 0.0, 0.0
     for mel, expected in zip(mels, solo):
         abs_err, rel, finite = relative_error(mel, expected)

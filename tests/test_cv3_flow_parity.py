@@ -233,7 +233,7 @@ def test_concurrent_requests_are_batched_and_equal_solo_runs(flow, run, ref):
         if not holding.is_set():
             holding.set()
             deadline = time.monotonic() + 60
-            while batched._waiting.qsize() < len(requests) and time.monotonic() < deadline:
+            while batched.waiting < len(requests) and time.monotonic() < deadline:
                 time.sleep(0.002)
         return flow.decoder(*args, **kwargs)
 

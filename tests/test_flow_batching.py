@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from cosyvoice.concurrency.flow_batching import BatchedFlowDecoder, _Call
+from cosyvoice.concurrency.flow_batching import BatchedFlowDecoder, FlowCall
 from cosyvoice.loading.model_dir import load_stage
 
 TOL = 1e-4   # max abs mel difference batched vs solo (float rounding of batched matmuls)
@@ -45,7 +45,7 @@ def test_padded_batch_equals_solo_runs(flow, calls, solo):
     batched = BatchedFlowDecoder(flow.decoder)
     pending = [_pending(call) for call in calls]
     with torch.inference_mode():
-        mels = batched._decode(pending)
+        mels = batched.decode_batch(pending)
     for index, (mel, expected) in enumerate(zip(mels, solo)):
         assert mel.shape == expected.shape
         error = float((mel - expected).abs().max())
@@ -141,7 +141,7 @@ def test_waiting_streaming_chunks_go_before_final_calls_then_first_come_first_se
         thread = threading.Thread(target=caller, args=(index,))
         thread.start()
         threads.append(thread)
-        _wait_until(lambda: decoder._waiting.qsize() == len(threads) - 1)
+        _wait_until(lambda: decoder.waiting == len(threads) - 1)
     release.set()
     for thread in threads:
         thread.join(timeout=120)
@@ -152,6 +152,55 @@ def test_waiting_streaming_chunks_go_before_final_calls_then_first_come_first_se
         assert float((results[index] - expected).abs().max()) < TOL
 
 
+def test_a_streaming_chunk_runs_between_the_steps_of_a_final_call(flow, calls, solo):
+    """A chunk that arrives while a final call is part-way through its integration finishes
+    first; the final call then goes on from where it was, and both mels equal their solo runs."""
+    final, chunk = next(i for i, c in enumerate(calls) if not c[4]), next(i for i, c in enumerate(calls) if c[4])
+    paused, resume = threading.Event(), threading.Event()
+    finished = []
+
+    class PausingDecoder:
+        """flow.decoder, step by step; the first call pauses after its first step until `resume`."""
+        def __init__(self):
+            self.calls = 0
+
+        def steps(self, mu, *args, **kwargs):
+            self.calls += 1
+            first, done_steps = self.calls == 1, 0
+            integration = flow.decoder.steps(mu, *args, **kwargs)
+            while True:
+                try:
+                    next(integration)
+                except StopIteration as done:
+                    finished.append(mu.shape[2])
+                    return done.value
+                done_steps += 1
+                if first and done_steps == 1:
+                    paused.set()
+                    assert resume.wait(timeout=60)
+                yield
+
+    decoder = BatchedFlowDecoder(PausingDecoder(), max_batch=1)
+    results: dict[int, torch.Tensor] = {}
+
+    def caller(index):
+        mu, mask, spks, cond, streaming = calls[index]
+        results[index] = decoder(mu, mask, spks, cond, streaming=streaming)
+
+    threads = [threading.Thread(target=caller, args=(final,))]
+    threads[0].start()
+    assert paused.wait(timeout=60)
+    threads.append(threading.Thread(target=caller, args=(chunk,)))
+    threads[1].start()
+    _wait_until(lambda: decoder.waiting == 1)
+    resume.set()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert finished == [calls[chunk][0].shape[2], calls[final][0].shape[2]]
+    for index in (final, chunk):
+        assert float((results[index] - solo[index]).abs().max()) < TOL
+
+
 def _wait_until(condition, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -159,6 +208,6 @@ def _wait_until(condition, timeout: float = 60.0) -> None:
         time.sleep(0.01)
 
 
-def _pending(call) -> _Call:
+def _pending(call) -> FlowCall:
     mu, _, spks, cond, streaming = call
-    return _Call(mu, spks, cond, 10, streaming)
+    return FlowCall(mu, spks, cond, 10, streaming)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import report_error
-from cosyvoice.concurrency.flow_batching import BatchedFlowDecoder, _Call
+from cosyvoice.concurrency.flow_batching import BatchedFlowDecoder, FlowCall
 from cosyvoice.inference.synthesis import ModelInput, StateBudget
 from cosyvoice.loading.model_dir import load_stage
 from cosyvoice.models.causal_hift import VocoderCarry
@@ -90,11 +90,11 @@ def test_batched_decoder_with_carried_and_final_calls(flow_and_ref):
     for carry, n_tokens in zip(batch_carries, (88, 113)):
         mu, spks, cond, _ = flow.prepare_cfm_inputs(*_inputs(ref, n_tokens), streaming=True, finalize=False,
                                                     carry=carry)
-        calls.append(_Call(mu, spks, cond, 10, True, carry.decoder))
+        calls.append(FlowCall(mu, spks, cond, 10, True, carry.decoder))
     mu, spks, cond, _ = flow.prepare_cfm_inputs(*_inputs(ref, 120), streaming=False, finalize=True)
-    calls.append(_Call(mu, spks, cond, 10, False))
+    calls.append(FlowCall(mu, spks, cond, 10, False))
     with torch.inference_mode():
-        batched = BatchedFlowDecoder(flow.decoder)._decode(calls)
+        batched = BatchedFlowDecoder(flow.decoder).decode_batch(calls)
     for carry, n_tokens, mel in zip(solo_carries, (88, 113), batched):
         solo = flow.inference(*_inputs(ref, n_tokens), streaming=True, finalize=False, carry=carry)
         assert mel[:, :, -solo.shape[2]:].shape == solo.shape

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Generator, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -51,10 +51,18 @@ class CausalConditionalCFM(nn.Module):
         result covers those frames, and the carry keeps the state of every complete attention
         chunk for the next call (cosyvoice.models.flow.carry).
         """
+        return run_to_end(self.steps(mu, mask, spks, cond, n_timesteps, streaming, carry))
+
+    def steps(self, mu: Tensor, mask: Tensor, spks: Tensor, cond: Tensor, n_timesteps: int = 10,
+              streaming: bool | Tensor = False,
+              carry: DecoderCarry | list[DecoderCarry | None] | None = None,
+              ) -> Generator[None, None, Tensor]:
+        """forward() one Euler step at a time: yields after every step but the last and returns
+        the mel, so a scheduler can run other calls in between (cosyvoice.concurrency.flow_batching)."""
         batch, length = mu.shape[0], mu.shape[-1]
         if carry is not None:
-            return self._continue(mu, mask, spks, cond, n_timesteps, streaming,
-                                  carry if isinstance(carry, list) else [carry])
+            return (yield from self._continue(mu, mask, spks, cond, n_timesteps, streaming,
+                                              carry if isinstance(carry, list) else [carry]))
         if length > self.rand_noise.shape[-1]:
             raise ValueError(f"flow input of {length} mel frames exceeds the noise buffer "
                              f"({self.rand_noise.shape[-1]} frames)")
@@ -62,11 +70,11 @@ class CausalConditionalCFM(nn.Module):
         # Rows [0, B) are conditioned, rows [B, 2B) unconditioned (mu, spks and cond zeroed; x is shared).
         streaming_in = streaming if isinstance(streaming, bool) else torch.cat([streaming, streaming])
         bias = self.estimator.attention_bias(torch.cat([mask, mask]), streaming_in)
-        return self._integrate(x, mu, mask, spks, cond, n_timesteps, bias, [None] * n_timesteps)
+        return (yield from self._integrate(x, mu, mask, spks, cond, n_timesteps, bias, [None] * n_timesteps))
 
     def _continue(self, mu: Tensor, mask: Tensor, spks: Tensor, cond: Tensor, n_timesteps: int,
-                  streaming: bool | Tensor, carries: list[DecoderCarry | None]) -> Tensor:
-        """forward() for requests with carried state: every row's frames start at its carry's."""
+                  streaming: bool | Tensor, carries: list[DecoderCarry | None]) -> Generator[None, None, Tensor]:
+        """steps() for requests with carried state: every row's frames start at its carry's."""
         if len(carries) != mu.shape[0]:
             raise ValueError(f"{len(carries)} carries for a batch of {mu.shape[0]}")
         carries = [c if c is not None else DecoderCarry() for c in carries]   # a final call: nothing held
@@ -90,13 +98,13 @@ class CausalConditionalCFM(nn.Module):
         bias = None if allowed is None else additive_bias(allowed, mu.dtype)
         passes = [CarryPass(span, [c.for_steps(n_timesteps)[step] for c in carries], rows_per_request=2)
                   for step in range(n_timesteps)]
-        mel = self._integrate(x, mu, mask, spks, cond, n_timesteps, bias, passes)
+        mel = yield from self._integrate(x, mu, mask, spks, cond, n_timesteps, bias, passes)
         for c, commit in zip(carries, span.commits):
             c.frames = commit
         return mel
 
     def _integrate(self, x: Tensor, mu: Tensor, mask: Tensor, spks: Tensor, cond: Tensor, n_timesteps: int,
-                   bias: Tensor | None, passes: list[CarryPass | None]) -> Tensor:
+                   bias: Tensor | None, passes: list[CarryPass | None]) -> Generator[None, None, Tensor]:
         batch = mu.shape[0]
         grid = torch.linspace(0, 1, n_timesteps + 1, device=mu.device, dtype=mu.dtype)
         grid = 1 - torch.cos(grid * 0.5 * math.pi)  # cosine schedule: small steps near t=0
@@ -117,4 +125,17 @@ class CausalConditionalCFM(nn.Module):
             t = t + dt
             if step < n_timesteps:
                 dt = grid[step + 1] - t  # measured from the accumulated t, as upstream does
+                yield
         return x.float()
+
+
+Result = TypeVar("Result")
+
+
+def run_to_end(steps: Generator[None, None, Result]) -> Result:
+    """Runs a step-by-step integration (CausalConditionalCFM.steps) through; returns its result."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
