@@ -590,6 +590,8 @@ absolute() {
         /*) ;;
         *) path="$PWD/${path#./}" ;;
     esac
+    # realpath -m accepts missing folders; where it still fails (a symlink loop, a realpath
+    # without -m) the absolute path as written is used: correct, only not normalised.
     realpath -m -- "$path" 2>/dev/null || printf '%s' "$path"
 }
 
@@ -653,6 +655,8 @@ install_dir_problem() {
         output=$({ : >"$probe" && rm -f -- "$probe"; } 2>&1); then
         return 0
     fi
+    # Tidying only: the probe may never have been created, and what went wrong is in $output,
+    # reported below; a probe this cannot remove is a leftover the next run removes.
     rm -f -- "$probe" 2>/dev/null || true
     case "$output" in
         *"Read-only file system"*)
