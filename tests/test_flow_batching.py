@@ -129,18 +129,10 @@ def test_waiting_streaming_chunks_go_before_final_calls_then_first_come_first_se
     chunk_calls = [i for i, c in enumerate(calls) if c[4]]
     first, final_calls = final_calls[0], final_calls[1:] + final_calls[:1]   # `first` comes again later
     results: dict[int, torch.Tensor] = {}
-
-    def caller(index):
-        mu, mask, spks, cond, streaming = calls[index]
-        results[index] = decoder(mu, mask, spks, cond, streaming=streaming)
-
-    threads = [threading.Thread(target=caller, args=(first,))]
-    threads[0].start()
+    threads = [_start_call(decoder, calls[first], results, first)]
     assert started.wait(timeout=60)
     for index in final_calls + chunk_calls:   # queued one after another while the first call runs
-        thread = threading.Thread(target=caller, args=(index,))
-        thread.start()
-        threads.append(thread)
+        threads.append(_start_call(decoder, calls[index], results, index))
         _wait_until(lambda: decoder.waiting == len(threads) - 1)
     release.set()
     for thread in threads:
@@ -182,16 +174,9 @@ def test_a_streaming_chunk_runs_between_the_steps_of_a_final_call(flow, calls, s
 
     decoder = BatchedFlowDecoder(PausingDecoder(), max_batch=1)
     results: dict[int, torch.Tensor] = {}
-
-    def caller(index):
-        mu, mask, spks, cond, streaming = calls[index]
-        results[index] = decoder(mu, mask, spks, cond, streaming=streaming)
-
-    threads = [threading.Thread(target=caller, args=(final,))]
-    threads[0].start()
+    threads = [_start_call(decoder, calls[final], results, final)]
     assert paused.wait(timeout=60)
-    threads.append(threading.Thread(target=caller, args=(chunk,)))
-    threads[1].start()
+    threads.append(_start_call(decoder, calls[chunk], results, chunk))
     _wait_until(lambda: decoder.waiting == 1)
     resume.set()
     for thread in threads:
@@ -199,6 +184,19 @@ def test_a_streaming_chunk_runs_between_the_steps_of_a_final_call(flow, calls, s
     assert finished == [calls[chunk][0].shape[2], calls[final][0].shape[2]]
     for index in (final, chunk):
         assert float((results[index] - solo[index]).abs().max()) < TOL
+
+
+def _start_call(decoder, call, results: dict, key) -> threading.Thread:
+    """Calls `decoder` with `call` (mu, mask, spks, cond, streaming) on a new thread; the mel
+    lands in results[key]."""
+    mu, mask, spks, cond, streaming = call
+
+    def run():
+        results[key] = decoder(mu, mask, spks, cond, streaming=streaming)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
 
 
 def _wait_until(condition, timeout: float = 60.0) -> None:
