@@ -35,7 +35,7 @@ API_KEY = "ray-key"
 WORKERS, MAX_QUEUE = 2, 16        # per replica; the proxy holds the queue
 START_TIMEOUT_S = 240
 HI = "Hi."                         # about 0.5 s of compute per request on one core
-LONG = "One two three four five six seven eight nine ten. " * 4   # a stream of several seconds
+LONG = "One two three four five six seven eight nine ten. " * 24   # a stream of 5-10 s on two cores
 
 
 class Cluster:
@@ -228,9 +228,13 @@ def test_a_killed_replica_loses_only_what_it_was_generating_and_comes_back(clust
         assert sorted(len(indices) for indices in by_replica.values()) == [2, 2], headers
         queued = [pool.submit(stream, index, HI) for index in range(4, 10)]
         time.sleep(1.0)   # they reach the proxy and wait there: both replicas are full
-        victim = sorted(by_replica)[0]
+        actors = {tag: ray.get_actor(f"SERVE_REPLICA::cosyvoice#{tag}", namespace="serve") for tag in by_replica}
+        # the victim runs both its streams still, so no waiting request can have gone to it
+        busy = [tag for tag, indices in sorted(by_replica.items()) if not any(index in outcomes for index in indices)]
+        assert busy, f"each replica finished a long stream within a second; make LONG longer: {outcomes}"
+        victim = busy[0]
         killed_at = time.monotonic()
-        ray.kill(ray.get_actor(f"SERVE_REPLICA::cosyvoice#{victim}", namespace="serve"), no_restart=True)
+        ray.kill(actors[victim], no_restart=True)
         for future in running + queued:
             future.result(timeout=180)
     print("outcomes:", outcomes, "headers:", headers)
