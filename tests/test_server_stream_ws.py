@@ -11,6 +11,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
+from cosyvoice.server.routers.stream import BACKLOG_SEGMENTS
 from cosyvoice.server.text_stream import TextCutter, count_words
 from server_harness import API_KEY, MAX_TEXT_CHARS, RATE, decode, run_test_server, wait_for
 
@@ -89,6 +90,22 @@ def test_a_long_run_without_marks_is_cut_at_a_space():
     segments = cut([" ".join(words) + " "], end=False, max_words=40)
     assert segments == [" ".join(words[:-1])]   # the last word may be incomplete: it stays
     assert cut([" ".join(words[:30]) + " "], end=False, max_words=40) == []
+
+
+def test_no_segment_is_longer_than_max_chars_and_nothing_is_lost():
+    sentences = " ".join(f"Sentence number {n}, with a clause." for n in range(12))   # 34-35 chars each
+    segments = cut([sentences], max_chars=100)     # arrives whole: only the limit cuts it
+    assert all(len(segment) <= 100 for segment in segments) and len(segments) >= 5, segments
+    assert all(segment.endswith("clause.") for segment in segments), segments   # at sentence ends
+    assert " ".join(segments) == sentences
+    clauses = ", ".join(f"clause {n}" for n in range(30))
+    segments = cut([clauses], max_chars=50)
+    assert all(len(segment) <= 50 and segment.endswith(",") for segment in segments[:-1]), segments
+    assert " ".join(segments) == clauses
+    words = " ".join(f"w{n}" for n in range(60))   # no mark at all: cut at spaces
+    segments = cut([words], max_chars=40)
+    assert all(len(segment) <= 40 for segment in segments) and " ".join(segments) == words, segments
+    assert cut(["好" * 250], max_chars=100) == ["好" * 100, "好" * 100, "好" * 50]   # nowhere better
 
 
 # ---- sessions -----------------------------------------------------------------------------------
@@ -184,6 +201,21 @@ def test_text_that_arrives_whole_sounds_as_an_http_request(server, client):
     assert len(streamed) == len(whole) and np.abs(streamed - whole).max() <= 2 / 32768
 
 
+def test_a_session_speaks_more_text_than_one_request_may_hold(server):
+    """A voice agent's long reply: more than --max-text-chars in one session, cut into segments
+    that each fit the limit, all spoken."""
+    sentences = [f"This is sentence {n} of a reply that runs longer than one request." for n in range(12)]
+    text = " ".join(sentences)
+    assert len(text) > MAX_TEXT_CHARS
+    session = run_session(server, [{"type": "start", "voice": "alice", "seed": 8},
+                                   {"type": "text", "text": text}, {"type": "end"}])
+    assert session.close_code == 1000, session.events
+    spoken = [segment["text"] for segment in session.of("segment.started")]
+    assert len(spoken) >= 2 and all(len(segment) <= MAX_TEXT_CHARS for segment in spoken), spoken
+    assert " ".join(spoken) == text
+    assert session.of("session.done")[0]["audio_s"] > 0
+
+
 def test_wav_at_another_rate_with_the_key_in_the_start_message(server):
     session = run_session(server, [{"type": "start", "voice": "alice", "format": "wav", "sample_rate": 16000,
                                     "api_key": API_KEY, "seed": 1},
@@ -221,8 +253,10 @@ BAD_SESSIONS = [
     ("bad-rate", [{"type": "start", "sample_rate": 1000}], KEY_HEADER, 4400, "sample_rate"),
     ("binary-frame", [{"type": "start"}, b"\x00\x01"], KEY_HEADER, 4400, "binary"),
     ("unknown-type", [{"type": "start"}, {"type": "speak"}], KEY_HEADER, 4400, "type"),
-    ("oversize-text", [{"type": "start"}, {"type": "text", "text": "word " * (MAX_TEXT_CHARS // 5 + 1)}],
-     KEY_HEADER, 4400, "limit"),
+    ("too-far-ahead", [{"type": "start"}, {"type": "text", "text": "Word. " * (BACKLOG_SEGMENTS * MAX_TEXT_CHARS // 6 + 1)}],
+     KEY_HEADER, 4400, "waiting to be spoken"),
+    ("opus-at-22050", [{"type": "start", "format": "opus", "sample_rate": 22050}], KEY_HEADER, 4400,
+     "opus can be written at 8000, 12000, 16000, 24000, 48000 Hz, not 22050"),
     ("control-characters", [{"type": "start"}, {"type": "text", "text": "a\x00b"}], KEY_HEADER, 4400,
      "control"),
     ("lone-surrogate", [{"type": "start"}, {"type": "text", "text": "a\ud800b"}], KEY_HEADER, 4400,

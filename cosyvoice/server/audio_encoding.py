@@ -34,6 +34,10 @@ SOUNDFILE_FORMATS = {
     "opus": ("OGG", "OPUS", {}),
     "flac": ("FLAC", "PCM_16", {}),
 }
+# the sample rates the MPEG codecs (mp3, aac) and Opus can be written at; libsndfile and FFmpeg
+# refuse the others (wav, pcm and flac take any)
+MPEG_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)
+FORMAT_RATES = {"mp3": MPEG_RATES, "aac": MPEG_RATES, "opus": (8000, 12000, 16000, 24000, 48000)}
 OPEN_ENDED = 0xFFFFFFFF
 NOT_STREAMABLE = {"flac"}
 
@@ -59,6 +63,14 @@ def check_format(name: str) -> str:
         raise ApiError(400, f"unsupported audio format '{name}'{hint}; "
                             f"choose one of {', '.join(available_formats())}")
     return name
+
+
+def check_rate(name: str, rate: int) -> None:
+    """Raises a 400 listing the rates `name` can be written at, when `rate` is not one of them."""
+    rates = FORMAT_RATES.get(name)
+    if rates is not None and rate not in rates:
+        raise ApiError(400, f"{name} can be written at {', '.join(map(str, rates))} Hz, not {rate}; "
+                            "choose one of those rates or another format")
 
 
 def to_s16le(samples: np.ndarray) -> bytes:

@@ -20,6 +20,9 @@ without making the listener wait:
 4. `flush()` makes everything buffered so far cuttable, `end()` everything at all. Text that
    arrives whole (all of it before the first cut) becomes one segment, which the model splits
    into sentences exactly as for an HTTP request.
+5. No segment is longer than `max_chars` (the server's per-request text limit, which also sizes
+   the TensorRT-LLM engine): a longer one ends at its last sentence end, else its last clause
+   mark, else its last space within the limit, so a session may speak any amount of text.
 
 Words are counted as runs of letters or digits; a Chinese or Japanese character counts as half
 a word.
@@ -39,6 +42,7 @@ ABBREVIATIONS = frozenset({"mr", "mrs", "ms", "dr", "prof", "st", "sr", "jr", "v
 MIN_FIRST_WORDS = 4       # a clause may end the first segment from this many words on
 LONG_CLAUSE_WORDS = 20    # a clause may end a later segment once its sentence is this long
 MAX_WORDS = 40            # text without any mark is cut at a space past this many words
+MAX_CHARS = 2000          # the longest segment (the server passes its --max-text-chars)
 
 _CJK = regex.compile(r"[\p{Han}\p{Hiragana}\p{Katakana}]")
 _WORD = regex.compile(r"[^\s\p{P}\p{S}\p{Han}\p{Hiragana}\p{Katakana}]+")
@@ -55,10 +59,12 @@ class TextCutter:
     session's event loop uses it)."""
 
     def __init__(self, min_first_words: int = MIN_FIRST_WORDS,
-                 long_clause_words: int = LONG_CLAUSE_WORDS, max_words: int = MAX_WORDS):
+                 long_clause_words: int = LONG_CLAUSE_WORDS, max_words: int = MAX_WORDS,
+                 max_chars: int = MAX_CHARS):
         self.min_first_words = min_first_words
         self.long_clause_words = long_clause_words
         self.max_words = max_words
+        self.max_chars = max_chars
         self.pending = ""          # received, not yet cut
         self.segments_taken = 0
         self.ended = False
@@ -85,6 +91,8 @@ class TextCutter:
         cut = len(self.pending) if self.ended else max(self._flushed, self._cut())
         if cut <= 0:
             return None
+        if cut > self.max_chars:
+            cut = self._cut_within(self.max_chars)
         segment, self.pending = self.pending[:cut], self.pending[cut:]
         self._flushed = max(0, self._flushed - cut)
         self.segments_taken += 1
@@ -95,17 +103,9 @@ class TextCutter:
     def _cut(self) -> int:
         """Where the buffered text may be cut now (0: nowhere yet)."""
         text = self.pending
-        sentence_cut, clause_cuts = 0, []
-        for index, char in enumerate(text):
-            if char in SENTENCE_MARKS or char in CLAUSE_MARKS:
-                end = self._confirmed_end(text, index)
-                if end:
-                    if char in SENTENCE_MARKS:
-                        sentence_cut = end
-                    else:
-                        clause_cuts.append(end)
-        if sentence_cut:
-            return sentence_cut
+        sentence_cuts, clause_cuts = self._cut_points(text)
+        if sentence_cuts:
+            return sentence_cuts[-1]
         needed = self.min_first_words if self.segments_taken == 0 else self.long_clause_words
         for end in reversed(clause_cuts):
             if count_words(text[:end]) >= needed:
@@ -114,6 +114,27 @@ class TextCutter:
             space = max(text.rstrip().rfind(" "), text.rstrip().rfind("\n"))
             return space + 1 if space > 0 else len(text)
         return 0
+
+    def _cut_within(self, limit: int) -> int:
+        """The best cut at or before `limit` (< len(pending)): a sentence end, a clause mark, a
+        space, or `limit` itself inside a run of text with none of them."""
+        text = self.pending
+        for cuts in self._cut_points(text):
+            fitting = [end for end in cuts if end <= limit]
+            if fitting:
+                return fitting[-1]
+        space = max(text.rfind(" ", 0, limit), text.rfind("\n", 0, limit))
+        return space + 1 if space > 0 else limit
+
+    def _cut_points(self, text: str) -> tuple[list[int], list[int]]:
+        """Positions after the confirmed sentence ends and after the confirmed clause marks."""
+        sentence_cuts, clause_cuts = [], []
+        for index, char in enumerate(text):
+            if char in SENTENCE_MARKS or char in CLAUSE_MARKS:
+                end = self._confirmed_end(text, index)
+                if end:
+                    (sentence_cuts if char in SENTENCE_MARKS else clause_cuts).append(end)
+        return sentence_cuts, clause_cuts
 
     @staticmethod
     def _confirmed_end(text: str, index: int) -> int:

@@ -17,8 +17,10 @@
 
 The session closes with 1000 after session.done, with 4000 + the HTTP status an error would have
 over HTTP (4400 bad message or option, 4401 API key, 4503 busy or loading), or 1011 on a server
-fault. The text is cut into segments as cosyvoice.server.text_stream describes; each segment is
-admitted like one HTTP request (a worker is held only while a segment is being generated).
+fault. The text is cut into segments as cosyvoice.server.text_stream describes, none longer than
+--max-text-chars; each segment is admitted like one HTTP request (a worker is held only while a
+segment is being generated). A session may speak any amount of text, but no more than
+BACKLOG_SEGMENTS × --max-text-chars characters may wait uncut (a client far ahead of the speech).
 Closing the socket cancels the session. The API key, when the server has one, comes as an
 `Authorization: Bearer` or `X-API-Key` header, or for browsers (which cannot set WebSocket
 headers) as `api_key` in the start message.
@@ -40,7 +42,7 @@ from pydantic import ValidationError
 from starlette.websockets import WebSocketDisconnect, WebSocketDisconnected
 
 from ...errors import InputError
-from ..audio_encoding import check_format, stream_encoder
+from ..audio_encoding import check_format, check_rate, stream_encoder
 from ..calls import api_key_error, record_call
 from ..errors import ApiError, Overloaded
 from ..modes import Job, Mode
@@ -55,6 +57,7 @@ router = APIRouter(tags=["streaming"])
 
 PATH = "/v1/audio/speech/stream"
 START_TIMEOUT_S = 30            # for the start message
+BACKLOG_SEGMENTS = 16           # text not yet cut into segments: at most this many longest requests
 MIN_RATE, MAX_RATE = 8000, 48000
 CLOSE_NORMAL, CLOSE_SERVER_FAULT, CLOSE_ERROR_BASE = 1000, 1011, 4000
 CLIENT_GONE = 499               # nginx's status for a client that left, as the HTTP access log has it
@@ -70,11 +73,7 @@ class AudioOut:
         self.samples = 0
         self._resampler = soxr.ResampleStream(model_rate, rate, 1, dtype="float32") \
             if rate != model_rate else None
-        try:
-            self._encoder = stream_encoder(fmt, rate)
-        except (RuntimeError, ValueError) as error:   # libsndfile: no such format at this rate
-            raise ApiError(400, f"{fmt} cannot be written at {rate} Hz ({error}); choose another "
-                                "format or sample rate") from None
+        self._encoder = stream_encoder(fmt, rate)
 
     @property
     def seconds(self) -> float:
@@ -104,7 +103,7 @@ class StreamSession:
         self.ws = websocket
         self.service = service
         self.settings = service.settings
-        self.cutter = TextCutter()
+        self.cutter = TextCutter(max_chars=service.settings.max_text_chars)
         self.template: Job | None = None       # the start options as a job; segments replace its text
         self.audio: AudioOut | None = None
         self.text_chars = 0
@@ -183,7 +182,8 @@ class StreamSession:
         rate = start.sample_rate or self.service.sample_rate
         if not MIN_RATE <= rate <= MAX_RATE:
             raise ApiError(400, f"sample_rate must be between {MIN_RATE} and {MAX_RATE} Hz, not {rate}")
-        self.audio = AudioOut(check_format(start.format), self.service.sample_rate, rate)
+        check_rate(check_format(start.format), rate)
+        self.audio = AudioOut(start.format, self.service.sample_rate, rate)
         return start
 
     def _template(self, start: StreamStart) -> Job:
@@ -306,11 +306,13 @@ class StreamSession:
         if LONE_SURROGATE.search(text):
             raise ApiError(400, "the text is not valid Unicode (it holds a lone UTF-16 surrogate such "
                                 "as \\ud800); send text that can be encoded as UTF-8")
+        waiting = len(self.cutter.pending) + len(text)
+        limit = self.settings.max_text_chars * BACKLOG_SEGMENTS
+        if waiting > limit:
+            raise ApiError(400, f"{waiting} characters of the session's text are waiting to be spoken; "
+                                f"at most {limit} may wait ({BACKLOG_SEGMENTS} × max_text_chars): send "
+                                "text about as fast as it is spoken")
         self.text_chars += len(text)
-        limit = self.settings.max_text_chars
-        if self.text_chars > limit:
-            raise ApiError(400, f"the session's text has {self.text_chars} characters; the limit is "
-                                f"{limit} (open a new session for more)")
         self.cutter.feed(text)
         if self.first_text_at is None and count_words(text) > 0:
             self.first_text_at = time.perf_counter()
