@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 import subprocess
 import sys
 import threading
@@ -28,6 +29,7 @@ from cosyvoice.server.loader import ModelLoader
 from cosyvoice.server.metrics import Metrics
 from cosyvoice.server.modes import Job, Mode, PromptUpload, open_stream
 from cosyvoice.server.responses import audio_response
+from cosyvoice.server.routers.xtts import remove_oldest
 from cosyvoice.server.service import SpeechService
 from cosyvoice.server.settings import Settings
 from cosyvoice.server.synthesis import CachedSynthesis
@@ -496,3 +498,13 @@ def test_the_app_names_its_generation_and_refuses_a_voice_it_cannot_prepare_agai
         native = client.post("/tts", data={"text": "Hello.", "speaker": "bob"})
         assert native.status_code == 409 and "CosyVoice2" in native.json()["detail"]
         assert client.delete("/api/voices/bob").status_code == 200
+
+
+def test_tts_to_file_keeps_only_the_newest_files(tmp_path):
+    for age, name in enumerate(["e", "d", "c", "b", "a"]):   # a is the oldest
+        path = tmp_path / f"{name}.wav"
+        path.write_bytes(b"RIFF")
+        os.utime(path, ns=(0, (10 - age) * 10**9))
+    (tmp_path / "notes.txt").write_text("not audio")
+    remove_oldest(tmp_path, keep=3)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["c.wav", "d.wav", "e.wav", "notes.txt"]

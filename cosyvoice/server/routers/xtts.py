@@ -8,7 +8,8 @@ are the registered voices. Every path answers with and without a trailing slash 
     POST /tts_to_audio/  JSON {text, speaker_wav, language} -> a WAV file, whole, exact lengths
     GET  /tts_stream?text=&speaker_wav=&language=            -> WAV, streamed (open-ended header)
     POST /tts_to_file    JSON {..., file_name_or_path} -> {"message", "output_path"}: written to the
-                         output/ folder inside the voices folder (only the file name is used)
+                         output/ folder inside the voices folder (only the file name is used); the
+                         newest OUTPUT_KEEP_FILES files are kept, older ones removed
     POST /set_tts_settings, GET /get_tts_settings: speed is applied to what follows; the XTTS
                          sampling settings are accepted, kept and listed under "ignored"
     GET  /get_models_list, POST /switch_model, GET /get_folders, POST /set_output,
@@ -44,6 +45,7 @@ APPLIED_SETTINGS = ("speed",)
 LANGUAGES = {"Auto": "auto", "Chinese": "zh-cn", "English": "en", "Japanese": "ja", "Korean": "ko",
              "Cantonese": "yue"}
 OUTPUT_FOLDER = "output"   # inside the voices folder
+OUTPUT_KEEP_FILES = 1000   # clients name the files: without a bound they could fill the disk
 
 
 def route(method: str, path: str, **options):
@@ -86,6 +88,18 @@ def guess_language(text: str) -> str:
 
 def output_folder(service: SpeechService) -> Path:
     return service.settings.voices_dir / OUTPUT_FOLDER
+
+
+def remove_oldest(folder: Path, keep: int) -> None:
+    """Removes the least recently written .wav files of `folder` beyond the newest `keep`."""
+    files = []
+    for path in folder.glob("*.wav"):
+        try:
+            files.append((path.stat().st_mtime_ns, path))
+        except FileNotFoundError:   # removed meanwhile by a concurrent request
+            continue
+    for _, path in sorted(files, reverse=True)[keep:]:
+        path.unlink(missing_ok=True)
 
 
 # ---- speakers -------------------------------------------------------------------------------------
@@ -156,6 +170,7 @@ async def tts_to_file(body: XttsFileRequest, request: Request,
         temporary = path.with_name(f".{name}.tmp")
         temporary.write_bytes(response.body)
         temporary.replace(path)
+        remove_oldest(path.parent, keep=OUTPUT_KEEP_FILES)
     await run_in_threadpool(write)
     return {"message": "The audio was successfully made and stored.", "output_path": str(path)}
 
