@@ -16,6 +16,7 @@ import pytest
 import soundfile as sf
 import torch
 
+from fastapi.exceptions import RequestValidationError
 from fastapi.testclient import TestClient
 
 from cosyvoice import InputError, Voice
@@ -24,7 +25,7 @@ from cosyvoice.server.admission import WorkerPool
 from cosyvoice.server.audio_encoding import available_formats, encode_whole, stream_encoder
 from cosyvoice.server import responses
 from cosyvoice.server.cache import ResponseCache
-from cosyvoice.server.errors import ApiError, ClientGone, Overloaded
+from cosyvoice.server.errors import ApiError, ClientGone, Overloaded, describe_validation_error
 from cosyvoice.server.loader import ModelLoader
 from cosyvoice.server.metrics import Metrics
 from cosyvoice.server.modes import Job, Mode, PromptUpload, open_stream
@@ -508,3 +509,10 @@ def test_tts_to_file_keeps_only_the_newest_files(tmp_path):
     (tmp_path / "notes.txt").write_text("not audio")
     remove_oldest(tmp_path, keep=3)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["c.wav", "d.wav", "e.wav", "notes.txt"]
+
+
+def test_a_body_that_is_not_json_is_named_so():
+    error = RequestValidationError([{"type": "json_invalid", "loc": ("body", 9), "msg": "JSON decode error",
+                                     "input": {}, "ctx": {"error": "Expecting value"}}])
+    assert describe_validation_error(error) == (
+        "invalid request: the body is not valid JSON (Expecting value at character 9)", None)

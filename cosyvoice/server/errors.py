@@ -71,6 +71,10 @@ def describe_validation_error(error: RequestValidationError) -> tuple[str, str |
     """pydantic's error list -> one sentence naming each bad field, and the first field's name."""
     parts, first_field = [], None
     for item in error.errors():
+        if item.get("type") == "json_invalid":   # its location is ("body", character offset)
+            reason = (item.get("ctx") or {}).get("error", "JSON decode error")
+            parts.append(f"the body is not valid JSON ({reason} at character {item['loc'][-1]})")
+            continue
         location = [str(part) for part in item.get("loc", ()) if part not in ("body", "query", "form")]
         field_name = ".".join(location) or "request body"
         first_field = first_field or field_name
