@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from cosyvoice.server.routers.xtts import guess_language
+
 from server_harness import (ALLOWED_ORIGIN, API_KEY, RATE, SHORT, STREAMING, assert_json_error, decode,
                             prompt_files, wait_for)
 
@@ -104,7 +106,7 @@ def test_voice_lifecycle_register_use_list_delete(server, client, fixture_dir):
     assert "bob" in [v["name"] for v in client.get("/api/voices").json()]
     assert "bob" in client.get("/speakers_list").json()
     audio = client.get("/api/voices/bob/audio")
-    assert audio.status_code == 200 and sf.read(io.BytesIO(audio.content))[1] == 16000
+    assert audio.status_code == 200 and sf.read(io.BytesIO(audio.content))[1] == sf.info(prompt_wav).samplerate
     spoken = client.post("/tts", data={**SHORT, "speaker": "bob", "format": "wav", "stream": "false"})
     assert spoken.status_code == 200 and sf.read(io.BytesIO(spoken.content))[1] == RATE
     again = client.post("/api/voices", data={"name": "bob"}, files={"audio": ("b.wav", prompt_wav.read_bytes())})
@@ -168,14 +170,15 @@ def test_upstream_endpoints_with_a_registered_voice_by_get_and_post(client):
 
 # ---- xtts-api-server ----------------------------------------------------------------------------
 
-def test_xtts_speakers(server, client):
+def test_xtts_speakers(server, client, fixture_dir):
+    prompt_wav, transcript = prompt_files(fixture_dir)   # alice's
     assert "alice" in client.get("/speakers_list").json()
     speaker = next(s for s in client.get("/speakers").json() if s["name"] == "alice")
     # the preview link is built from the server's own address (not the Host header) and works
     assert speaker["voice_id"] == "alice" and speaker["preview_url"] == f"{server.url}/sample/alice.wav"
-    assert speaker["lang"] == "zh-cn"   # guessed from the transcript
+    assert speaker["lang"] == guess_language(transcript) != "auto"
     preview = client.get(speaker["preview_url"])
-    assert preview.status_code == 200 and sf.read(io.BytesIO(preview.content))[1] == 16000
+    assert preview.status_code == 200 and sf.read(io.BytesIO(preview.content))[1] == sf.info(prompt_wav).samplerate
 
 
 def test_xtts_tts_to_audio_returns_a_wav(client):
