@@ -89,8 +89,8 @@ def test_token_ids_map_back_exactly(tiny_export, model_dir):
     vocab = info.vocab
     tokenizer = AutoTokenizer.from_pretrained(str(out))
     original = QwenTokenizer(model_dir / QWEN_DIR)
-    assert vocab.speech_offset == len(original) == 1520      # sizes come from the model dir
-    assert len(tokenizer) == vocab.length and vocab.rows == 8192
+    assert vocab.speech_offset == len(original)      # sizes come from the model dir
+    assert len(tokenizer) == vocab.length and vocab.rows % 128 == 0 and vocab.rows >= vocab.length
     named = {f"<|s_{s}|>": vocab.merged_id(s) for s in (0, 1, 4095, vocab.speech_size - 1)}
     named.update({"<|eos1|>": vocab.stop_ids[0], "<|eos2|>": vocab.stop_ids[1], "<|eos3|>": vocab.stop_ids[2],
                   "<|sos|>": vocab.sos_id, "<|task_id|>": vocab.task_id})
@@ -121,7 +121,7 @@ def test_export_files_and_metadata(tiny_export):
 def test_cli_exports_and_refuses_to_overwrite(model_dir, tmp_path, capsys):
     out = tmp_path / "hf"
     assert cli_main(["export-hf", "--model-dir", str(model_dir), "--out", str(out), "--dtype", "bfloat16"]) == 0
-    assert "speech tokens <|s_0|>.. at ids 1520" in capsys.readouterr().out
+    assert f"speech tokens <|s_0|>.. at ids {len(QwenTokenizer(model_dir / QWEN_DIR))}" in capsys.readouterr().out
     assert ExportInfo.read(out).dtype == "bfloat16"
     assert cli_main(["export-hf", "--model-dir", str(model_dir), "--out", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
@@ -133,14 +133,14 @@ def test_cli_exports_and_refuses_to_overwrite(model_dir, tmp_path, capsys):
 def test_vocab_layout_of_both_generations(tiny_llm, cv3_llm):
     """CosyVoice2: 3 stop ids after the codes, SOS/TASK_ID ids of their own (llm_embedding).
     CosyVoice3: 200 stop ids after the codes, SOS/TASK_ID among them (speech_embedding rows).
-    The CosyVoice3 fixture keeps the official tokenizer length, so its ids are the official ones."""
-    cv2 = dataclasses.replace(MergedVocab.for_llm(tiny_llm, 1520), text_size=151663, qwen_rows=151936)
+    Both at the official sizes: the fixture LLM's head with Qwen2-0.5B's tokenizer and table."""
+    cv2 = dataclasses.replace(MergedVocab.for_llm(tiny_llm, 1), text_size=151663, qwen_rows=151936)
     assert (cv2.speech_offset, cv2.head_rows, cv2.stop_ids, cv2.eos_id, cv2.sos_id, cv2.task_id, cv2.length,
             cv2.rows) == (151663, 6564, (158224, 158225, 158226), 158224, 158227, 158228, 158229, 158336)
     assert cv2.added_token_names()[-5:] == ["<|eos1|>", "<|eos2|>", "<|eos3|>", "<|sos|>", "<|task_id|>"]
 
-    cv3 = MergedVocab.for_llm(cv3_llm, 151924)
-    assert cv3.qwen_rows == 151936 and cv3.head_rows == cv3_llm.vocab_size == 6761
+    cv3 = dataclasses.replace(MergedVocab.for_llm(cv3_llm, 1), text_size=151924, qwen_rows=151936)
+    assert cv3.head_rows == cv3_llm.vocab_size == 6761
     assert (cv3.speech_offset, cv3.sos_id, cv3.eos_id, cv3.task_id, cv3.length, cv3.rows) == \
         (151924, 158485, 158486, 158487, 158685, 158720)
     assert cv3.stop_ids == tuple(range(158485, 158685)) and len(cv3.stop_ids) == 200
@@ -265,13 +265,15 @@ def test_cv3_export_files_and_metadata(cv3_export, cv3_llm):
     assert info.min_len_masked_rows == (cv3_llm.min_len_masked_token,) == (6561,)   # SOS, as the reference
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["Qwen2ForCausalLM"] and config["use_bias"] is False
-    assert config["vocab_size"] == vocab.rows == 158720 and config["tie_word_embeddings"] is False
-    assert config["eos_token_id"] == vocab.eos_id == 158486
+    first = vocab.speech_offset   # the tokenizer's length (the official one: 151924)
+    assert config["vocab_size"] == vocab.rows and config["tie_word_embeddings"] is False
+    assert config["eos_token_id"] == vocab.eos_id == first + 6562
     generation = json.loads((out / "generation_config.json").read_text())
-    assert generation["eos_token_id"] == list(range(158485, 158685)) and generation["pad_token_id"] == 158486
+    assert generation["eos_token_id"] == list(range(first + 6561, first + 6761))
+    assert generation["pad_token_id"] == first + 6562
     written = json.loads((out / EXPORT_INFO_NAME).read_text())
-    assert written["stop_ids"] == list(vocab.stop_ids) and written["eos_id"] == 158486
-    assert written["sos_id"] == 158485 and written["task_id"] == 158487
+    assert written["stop_ids"] == list(vocab.stop_ids) and written["eos_id"] == first + 6562
+    assert written["sos_id"] == first + 6561 and written["task_id"] == first + 6563
     assert ExportInfo.read(out) == info
 
 
@@ -280,9 +282,11 @@ def test_cv3_token_ids_map_back_exactly(cv3_export, cv3_model_dir):
     vocab = info.vocab
     tokenizer = AutoTokenizer.from_pretrained(str(out))
     original = QwenTokenizer(cv3_model_dir / QWEN_DIR, COSYVOICE3.special_tokens)
-    assert vocab.speech_offset == len(original) == 151924 and len(tokenizer) == vocab.length == 158685
-    named = {"<|s_0|>": 151924, "<|s_6560|>": 158484, "<|sos|>": 158485, "<|eos1|>": 158486,
-             "<|task_id|>": 158487, "<|fill|>": 158488, "<|eos5|>": 158489, "<|eos200|>": 158684}
+    first = len(original)   # 151924 for the official tokenizer
+    assert vocab.speech_offset == first and len(tokenizer) == vocab.length == first + 6761
+    named = {"<|s_0|>": first, "<|s_6560|>": first + 6560, "<|sos|>": first + 6561, "<|eos1|>": first + 6562,
+             "<|task_id|>": first + 6563, "<|fill|>": first + 6564, "<|eos5|>": first + 6565,
+             "<|eos200|>": first + 6760}
     for name, merged in named.items():
         assert tokenizer.convert_tokens_to_ids(name) == merged
         assert tokenizer.convert_ids_to_tokens(merged) == name
