@@ -231,6 +231,20 @@ def test_a_seed_beyond_64_bits_is_a_400_in_each_familys_shape(client):
     assert openai.json()["error"]["type"] == "invalid_request_error"
 
 
+def test_a_body_of_the_wrong_kind_is_named(client):
+    """JSON to the form endpoints, a form or untyped body to the JSON ones: the error says which
+    kind the endpoint reads before the field it missed."""
+    json_to_form = client.post("/tts", json={"text": SHORT["text"], "speaker": "alice"})
+    assert "reads form fields" in assert_json_error(json_to_form, 422)
+    form_to_json = client.post("/v1/audio/speech", data={"input": SHORT["text"], "voice": "alice"})
+    assert "Content-Type: application/json" in assert_json_error(form_to_json, 400)
+    untyped = client.post("/tts_to_audio/", content=json.dumps({"text": SHORT["text"], "speaker_wav": "alice"}),
+                          headers={"content-type": "text/plain"})
+    assert "Content-Type: application/json" in assert_json_error(untyped, 422)
+    right_kind = client.post("/v1/audio/speech", json={"voice": "alice"})
+    assert "reads" not in assert_json_error(right_kind, 400)
+
+
 def test_api_key_is_accepted_as_bearer(server):
     response = httpx.get(server.url + "/v1/models", headers={"Authorization": f"Bearer {API_KEY}"})
     assert response.status_code == 200

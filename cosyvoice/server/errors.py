@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import re
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, params
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -82,6 +82,22 @@ def describe_validation_error(error: RequestValidationError) -> tuple[str, str |
     return "invalid request: " + "; ".join(parts), first_field
 
 
+def body_kind_hint(request: Request) -> str:
+    """A first clause saying what body the route reads, when the request sent the other kind
+    (JSON to a form endpoint, or a form or untyped body to a JSON one); else ''."""
+    dependant = getattr(request.scope.get("route"), "dependant", None)
+    if dependant is None or not dependant.body_params:
+        return ""
+    reads_form = any(isinstance(param.field_info, params.Form) for param in dependant.body_params)
+    sent_json = request.headers.get("content-type", "").startswith("application/json")
+    if reads_form and sent_json:
+        return ("this endpoint reads form fields (multipart/form-data or "
+                "application/x-www-form-urlencoded), not JSON; ")
+    if not reads_form and not sent_json:
+        return "this endpoint reads a JSON body: send it with Content-Type: application/json; "
+    return ""
+
+
 def install_error_handlers(app: FastAPI) -> None:
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
         return error_response(request.url.path, exc.status, exc.message, exc.headers)
@@ -92,7 +108,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, field_name = describe_validation_error(exc)
         status = 400 if request.url.path.startswith("/v1/") else 422
-        return error_response(request.url.path, status, message, param=field_name)
+        return error_response(request.url.path, status, body_kind_hint(request) + message, param=field_name)
 
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
